@@ -1,0 +1,45 @@
+# One command each: `make pipeline` (set up, then run the DVC pipeline on the tiny profile) and
+# `make test` (set up, then run the tests). Everything installs into .venv from pinned versions.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+OPEN_CLIP_WHEEL_VERSION := 3.3.0
+CLIP_VOCAB := .cache/clip/bpe_simple_vocab_16e6.txt.gz
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup pipeline test benchmarks lab clean
+
+setup: $(VENV)/.installed $(CLIP_VOCAB) .dvc/config
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned: on a CPU machine this is the CPU wheel, on a GPU machine a CUDA build
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+# CLIP's BPE vocabulary ships inside the open-clip-torch wheel; take only that file.
+$(CLIP_VOCAB): scripts/get_clip_vocab.py | $(VENV)/.installed
+	mkdir -p .cache/wheels
+	$(BIN)/python -m pip download --quiet --no-deps --dest .cache/wheels open-clip-torch==$(OPEN_CLIP_WHEEL_VERSION)
+	$(BIN)/python scripts/get_clip_vocab.py .cache/wheels/open_clip_torch-$(OPEN_CLIP_WHEEL_VERSION)-py3-none-any.whl $@
+
+.dvc/config:
+	$(BIN)/dvc init --quiet $(if $(wildcard .git),,--no-scm)
+	$(BIN)/dvc config core.analytics false
+
+pipeline: setup
+	$(BIN)/dvc repro
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lab: setup
+	$(BIN)/jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) .cache

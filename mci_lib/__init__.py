@@ -1,0 +1,1 @@
+"""mci_lib: multi-concept model immunization."""

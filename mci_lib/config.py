@@ -1,0 +1,241 @@
+"""Configuration: ``params.yaml`` (plus an optional profile overlay) -> frozen dataclasses.
+
+Config flows one way. A YAML file is parsed once, an optional overlay from ``profiles/`` replaces
+only the keys it names, dotted overrides (the notebooks' ``overrides`` parameter) are applied
+last, and the result is checked key by key against the dataclasses below. An unknown or misspelt
+key, or a value of the wrong type, is an error that names the key and the file it came from.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """A params file (or override) has an unknown key, a wrong type or a bad value."""
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    data_dir: str = "data/toy"  # the generated toy world
+    models_dir: str = "models"  # base model, judge and later stages' models
+    reports_dir: str = "reports"  # metrics, figures, executed notebooks
+    clip_vocab: str = ".cache/clip/bpe_simple_vocab_16e6.txt.gz"  # CLIP BPE file (see `make setup`)
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """The toy world (DESIGN section 4)."""
+
+    image_size: int = 32
+    shapes: tuple[str, ...] = ("circle", "square", "triangle", "star", "heart", "cross")
+    colors: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
+    styles: tuple[str, ...] = ("solid", "striped", "dotted", "outlined")
+    personal: tuple[str, ...] = ("p1", "p2")
+    # images per subject (shape or personal subject) in each split; personal subjects get no pretrain
+    pretrain_per_shape: int = 600
+    defense_per_subject: int = 24
+    attack_per_subject: int = 24
+    reference_per_subject: int = 64
+    judge_train_per_subject: int = 250
+    judge_test_per_subject: int = 60
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The tiny Stable-Diffusion-architecture model, or a local SD v1.x folder."""
+
+    pretrained_dir: Optional[str] = None  # a diffusers folder; null builds the tiny model
+    unet_channels: tuple[int, ...] = (64, 128)
+    unet_layers_per_block: int = 1
+    attention_head_dim: int = 8
+    cross_attention_dim: int = 64
+    vae_channels: tuple[int, ...] = (16, 32, 64)
+    latent_channels: int = 4
+    text_hidden_size: int = 64
+    text_layers: int = 2
+    text_heads: int = 2
+    text_intermediate_size: int = 128
+    max_length: int = 77
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Base-model pretraining on the toy world's pretrain split."""
+
+    vae_steps: int = 1200
+    vae_batch_size: int = 64
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 2000
+    unet_batch_size: int = 32
+    unet_lr: float = 5e-4
+    unet_warmup_steps: int = 100
+    caption_dropout: float = 0.1  # share of empty captions, for classifier-free guidance
+    ema_decay: float = 0.995
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """The toy world's judge: subject, color and style heads with a reject option."""
+
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 2e-3
+    feature_dim: int = 128
+    reject_threshold: float = 0.5  # a subject verdict below this confidence counts as "other"
+    other_share: float = 0.2  # share of each batch drawn from the "other" class
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    num_inference_steps: int = 25
+    guidance_scale: float = 4.0
+    samples_per_concept: int = 64
+    batch_size: int = 64
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 2
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert lists to tuples."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, source)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{source}: key '{key}' must be a list, got {value!r}")
+        (elem,) = typing.get_args(tp)[:1]
+        return tuple(_coerce(v, elem, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{source}: key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{source}: key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{source}: key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{source}: key '{key}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp} for {key}")
+
+
+def _build(cls: type, data: dict, prefix: str, source: str):
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: section '{prefix.rstrip('.') or '<top>'}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = prefix + unknown[0]
+        raise ParamsError(
+            f"{source}: unknown key '{key}'. Known keys here: {', '.join(sorted(names))}. "
+            "Fix the spelling or remove it."
+        )
+    kwargs = {}
+    for name in names & set(data):
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], f"{prefix}{name}.", source)
+        else:
+            kwargs[name] = _coerce(data[name], tp, prefix + name, source)
+    return cls(**kwargs)
+
+
+def _deep_update(base: dict, overlay: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_update(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ParamsError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found. Run from the repository root or pass its path.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def load_params(
+    path: str | Path = "params.yaml",
+    profile: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Params:
+    """Read ``path``, overlay ``profile`` (a YAML file of only the keys that differ), then apply
+    dotted ``overrides`` such as ``{"pretrain.unet_steps": 10}``; return frozen :class:`Params`."""
+    path = Path(path)
+    data = _read_yaml(path)
+    source = str(path)
+    if profile:
+        profile_path = Path(profile)
+        data = _deep_update(data, _read_yaml(profile_path))
+        source = f"{path} + {profile_path}"
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    if overrides:
+        source += " + overrides"
+    return _build(Params, data, "", source)
+
+
+def params_to_dict(params: Params) -> dict:
+    """The resolved params as plain YAML-able data (tuples become lists), for manifests."""
+
+    def convert(obj):
+        if isinstance(obj, tuple):
+            return [convert(v) for v in obj]
+        if isinstance(obj, dict):
+            return {k: convert(v) for k, v in obj.items()}
+        return obj
+
+    return convert(dataclasses.asdict(params))

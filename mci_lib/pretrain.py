@@ -1,0 +1,135 @@
+"""Base-model pretraining on the toy world: the VAE, then the UNet (text encoder frozen).
+
+Both loops follow the diffusers training examples: sample a batch, compute the loss, step the
+optimizer, with a tqdm bar. The UNet learns the epsilon-prediction loss of DESIGN section 6,
+``L = E || eps - eps_theta(sqrt(abar_t) z + sqrt(1 - abar_t) eps, t, tau(c)) ||^2``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from .config import PretrainConfig
+from .data import ToyRecord, caption_for, to_model_range
+
+
+def train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg: PretrainConfig, seed: int, progress: bool = True) -> list[float]:
+    """Train the VAE to reconstruct ``images`` (uint8 N,3,H,W): MSE + ``vae_kl_weight`` * KL.
+    Returns the loss per step. Ends by setting ``scaling_factor`` so latents have unit variance."""
+    gen = torch.Generator().manual_seed(seed)
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.vae_steps, 1), eta_min=cfg.vae_lr * 0.05)
+    losses = []
+    bar = tqdm(range(cfg.vae_steps), desc="vae", disable=not progress)
+    for _ in bar:
+        # 1. a random batch in [-1, 1]
+        idx = torch.randint(0, images.shape[0], (cfg.vae_batch_size,), generator=gen)
+        x = to_model_range(images[idx])
+        # 2. encode, sample a latent, decode
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        recon = vae.decode(z).sample
+        # 3. reconstruction plus a small KL pull towards N(0, I)
+        loss = F.mse_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    vae.eval()
+    latents = encode_latents(vae, images[: min(1024, images.shape[0])], scale=False)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return losses
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256, scale: bool = True) -> torch.Tensor:
+    """Posterior means of ``images`` (uint8), times the VAE's scaling factor when ``scale``."""
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        out.append(vae.encode(to_model_range(images[i : i + batch_size])).latent_dist.mean)
+    z = torch.cat(out)
+    return z * vae.config.scaling_factor if scale else z
+
+
+class PromptCache:
+    """Text-encoder outputs per distinct prompt: the text encoder is frozen during pretraining,
+    and the toy world has only a few hundred distinct captions."""
+
+    def __init__(self, pipe: StableDiffusionPipeline):
+        self.pipe = pipe
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        new = sorted({p for p in prompts if p not in self.cache})
+        if new:
+            tok = self.pipe.tokenizer(new, padding="max_length", max_length=self.pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+            hidden = self.pipe.text_encoder(tok.input_ids)[0]
+            self.cache.update(zip(new, hidden))
+        return torch.stack([self.cache[p] for p in prompts])
+
+
+def diffusion_loss(unet, scheduler: DDPMScheduler, latents: torch.Tensor, text: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The epsilon-prediction loss L(theta; batch) of DESIGN section 6 on one batch of latents."""
+    noise = torch.randn(latents.shape, generator=generator)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    noisy = scheduler.add_noise(latents, noise, t)
+    pred = unet(noisy, t, text).sample
+    return F.mse_loss(pred, noise)
+
+
+def train_unet(
+    pipe: StableDiffusionPipeline,
+    latents: torch.Tensor,
+    records: Sequence[ToyRecord],
+    cfg: PretrainConfig,
+    seed: int,
+    progress: bool = True,
+    caption_fn: Callable[[np.random.Generator, ToyRecord], str] | None = None,
+) -> list[float]:
+    """Pretrain ``pipe.unet`` on cached ``latents`` of ``records`` with fresh template captions each
+    step (and ``caption_dropout`` empty captions for classifier-free guidance). The text encoder and
+    VAE stay frozen. The UNet ends holding its EMA weights. Returns the loss per step."""
+    ddpm = DDPMScheduler.from_config(pipe.scheduler.config, variance_type="fixed_small")
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    caption_fn = caption_fn or (lambda r_, rec: caption_for(r_, rec.subject, rec.color, rec.style))
+    prompts = PromptCache(pipe)
+    unet = pipe.unet
+    unet.train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
+    warm = max(cfg.unet_warmup_steps, 1)
+    lr_lambda = lambda s: min(1.0, (s + 1) / warm) * (0.5 * (1 + math.cos(math.pi * min(s, cfg.unet_steps) / max(cfg.unet_steps, 1))) * 0.9 + 0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+    losses = []
+    bar = tqdm(range(cfg.unet_steps), desc="unet", disable=not progress)
+    for _ in bar:
+        # 1. a batch of latents with fresh captions; some captions dropped for guidance
+        idx = torch.randint(0, latents.shape[0], (cfg.unet_batch_size,), generator=gen)
+        caps = ["" if rng.random() < cfg.caption_dropout else caption_fn(rng, records[i]) for i in idx.tolist()]
+        # 2. the epsilon-prediction loss
+        loss = diffusion_loss(unet, ddpm, latents[idx], prompts(caps), gen)
+        # 3. optimizer, schedule and EMA
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema.step(unet.parameters())
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", refresh=False)
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    return losses

@@ -82,6 +82,7 @@ class PretrainConfig:
     unet_batch_size: int = 32
     unet_lr: float = 5e-4
     unet_warmup_steps: int = 100
+    train_text_encoder: bool = True  # False keeps the text encoder at its seeded random weights
     caption_dropout: float = 0.1  # share of empty captions, for classifier-free guidance
     ema_decay: float = 0.995
 
@@ -108,6 +109,64 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
+class ThreatConfig:
+    """One threat model's target concepts (DESIGN section 5)."""
+
+    targets: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EraseConfig:
+    """UCE erasure of the re-learning targets (DESIGN section 6)."""
+
+    guide_word: str = "shape"
+    lam: float = 0.1
+    preserve_scale: float = 0.1
+
+
+METHODS = ("mima", "imma", "imma_joint", "imma_sequential")
+
+
+@dataclass(frozen=True)
+class ImmunizeConfig:
+    """IMMA / MIMA and their baselines (DESIGN section 6)."""
+
+    methods: tuple[str, ...] = ("mima", "imma_joint", "imma_sequential")
+    mode: str = "second_order"  # second_order | first_order | alternating
+    steps: int = 100
+    batch_size: int = 4  # per concept, inner and outer
+    inner_lr: float = 0.01
+    inner_steps: int = 1
+    inner_update: str = "sgd"  # sgd | sign | adam
+    inner_params: str = "kv"  # kv | cross_attn | unet
+    outer_params: str = "cross_attn"  # kv | cross_attn | unet
+    outer_lr: float = 1e-4
+    prior_weight: float = 1.0
+    merge: str = "hard"  # hard | soft
+    merge_delta: float = 1e-3
+    merge_lam: float = 100.0
+    reg_captions: int = 100
+    eval_batches: int = 4
+
+    def __post_init__(self):
+        choices = {
+            "mode": ("second_order", "first_order", "alternating"),
+            "inner_update": ("sgd", "sign", "adam"),
+            "inner_params": ("kv", "cross_attn", "unet"),
+            "outer_params": ("kv", "cross_attn", "unet"),
+            "merge": ("hard", "soft"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ParamsError(f"immunize.{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        for m in self.methods:
+            if m not in METHODS:
+                raise ParamsError(f"immunize.methods: unknown method {m!r}; known: {', '.join(METHODS)}")
+        if self.steps < 1 or self.inner_steps < 1 or self.batch_size < 1:
+            raise ParamsError("immunize.steps, immunize.inner_steps and immunize.batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0
     device: str = "cpu"
@@ -118,6 +177,10 @@ class Params:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    relearn: ThreatConfig = field(default_factory=lambda: ThreatConfig(("star", "heart")))
+    personalize: ThreatConfig = field(default_factory=lambda: ThreatConfig(("p1", "p2")))
+    erase: EraseConfig = field(default_factory=EraseConfig)
+    immunize: ImmunizeConfig = field(default_factory=ImmunizeConfig)
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:

@@ -45,10 +45,12 @@ class Judge(nn.Module):
         def block(cin, cout):
             return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.SiLU()]
 
+        # one convolution at full resolution, then pool early: the toy world's shapes span 8-26 px
         self.body = nn.Sequential(
-            *block(3, 32), *block(32, 32), nn.MaxPool2d(2),
-            *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
-            *block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            *block(3, 32), nn.MaxPool2d(2),
+            *block(32, 48), *block(48, 64), nn.MaxPool2d(2),
+            *block(64, 96), nn.MaxPool2d(2),
+            *block(96, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         self.features = nn.Sequential(nn.Linear(128, labels.feature_dim), nn.SiLU())
         self.subject_head = nn.Linear(labels.feature_dim, len(labels.subjects))
@@ -183,7 +185,10 @@ def load_judge(folder: str | Path) -> Judge:
     labels = JudgeLabels(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()})
     judge = Judge(labels)
     state = load_weights(folder / "judge.safetensors")
-    missing, unexpected = judge.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = judge.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatch: a judge saved by another architecture
+        raise ValueError(f"{folder / 'judge.safetensors'}: tensors do not fit this judge ({str(err).splitlines()[1].strip()}); retrain it with the data_prep stage") from err
     if missing or unexpected:
         raise ValueError(f"{folder / 'judge.safetensors'}: tensors do not match the judge (missing {missing[:3]}, unexpected {unexpected[:3]})")
     judge.eval()

@@ -97,39 +97,61 @@ def train_unet(
     seed: int,
     progress: bool = True,
     caption_fn: Callable[[np.random.Generator, ToyRecord], str] | None = None,
+    callback: Callable[[int, StableDiffusionPipeline], None] | None = None,
+    callback_every: int = 0,
 ) -> list[float]:
-    """Pretrain ``pipe.unet`` on cached ``latents`` of ``records`` with fresh template captions each
-    step (and ``caption_dropout`` empty captions for classifier-free guidance). The text encoder and
-    VAE stay frozen. The UNet ends holding its EMA weights. Returns the loss per step."""
+    """Pretrain ``pipe.unet`` (and the text encoder when ``cfg.train_text_encoder``) on cached
+    ``latents`` of ``records``, with fresh template captions each step and ``caption_dropout``
+    empty captions for classifier-free guidance. The VAE stays frozen. The trained modules end
+    holding their EMA weights. Returns the loss per step."""
     ddpm = DDPMScheduler.from_config(pipe.scheduler.config, variance_type="fixed_small")
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     caption_fn = caption_fn or (lambda r_, rec: caption_for(r_, rec.subject, rec.color, rec.style))
-    prompts = PromptCache(pipe)
-    unet = pipe.unet
-    unet.train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    modules = [unet] + ([text_encoder] if cfg.train_text_encoder else [])
+    params = [p for m in modules for p in m.parameters()]
+    prompts = None if cfg.train_text_encoder else PromptCache(pipe)
+    for m in modules:
+        m.train()
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     warm = max(cfg.unet_warmup_steps, 1)
     lr_lambda = lambda s: min(1.0, (s + 1) / warm) * (0.5 * (1 + math.cos(math.pi * min(s, cfg.unet_steps) / max(cfg.unet_steps, 1))) * 0.9 + 0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+    ema = EMAModel(params, decay=cfg.ema_decay)
     losses = []
     bar = tqdm(range(cfg.unet_steps), desc="unet", disable=not progress)
-    for _ in bar:
+    for step in bar:
         # 1. a batch of latents with fresh captions; some captions dropped for guidance
         idx = torch.randint(0, latents.shape[0], (cfg.unet_batch_size,), generator=gen)
         caps = ["" if rng.random() < cfg.caption_dropout else caption_fn(rng, records[i]) for i in idx.tolist()]
+        if prompts is not None:
+            text = prompts(caps)
+        else:
+            tok = pipe.tokenizer(caps, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+            text = text_encoder(tok.input_ids)[0]
         # 2. the epsilon-prediction loss
-        loss = diffusion_loss(unet, ddpm, latents[idx], prompts(caps), gen)
+        loss = diffusion_loss(unet, ddpm, latents[idx], text, gen)
         # 3. optimizer, schedule and EMA
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        ema.step(unet.parameters())
+        ema.step(params)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", refresh=False)
-    ema.copy_to(unet.parameters())
-    unet.eval()
+        if callback is not None and callback_every and (step + 1) % callback_every == 0:
+            # evaluate the EMA weights, then put the live weights back
+            ema.store(params)
+            ema.copy_to(params)
+            for m in modules:
+                m.eval()
+            callback(step + 1, pipe)
+            for m in modules:
+                m.train()
+            ema.restore(params)
+    ema.copy_to(params)
+    for m in modules:
+        m.eval()
     return losses

@@ -1,0 +1,309 @@
+"""Immunization: IMMA for one concept, MIMA for N concepts, and their baselines (DESIGN section 6).
+
+MIMA's outer step, with immunized parameters theta and a simulated attacker on the set S_l::
+
+    for n in 1..N:   theta'_n = theta - alpha * update(grad_{S_l} [L(theta; D_n) + lambda_pr L(theta; P_n)])
+    theta_m = Merge(theta'_1..theta'_N)      # closed-form merge on cross-attention K/V, mean elsewhere
+    loss    = - sum_n L(theta_m; D_n) + lambda_pr sum_n L(theta; P_n)
+
+Every evaluation goes through ``torch.func.functional_call`` with explicit parameter dicts, so the
+simulated attacker never writes into the module or into the tensors it was handed. Modes:
+
+- ``second_order``: the inner gradient keeps its graph (``create_graph=True``); the outer gradient
+  flows through the merge *and* through theta'_n(theta), including the Hessian term.
+- ``first_order``: the inner gradient is a constant; the outer gradient flows through the merge
+  (and the identity part of theta'_n) only.
+- ``alternating``: the released reference code's dynamic: the merged attacker update is written
+  into theta with no graph, then an ordinary outer step is taken on the next batch.
+
+IMMA is MIMA with one concept and no merge; ``imma_joint`` runs it on the union of all concepts'
+data, ``imma_sequential`` on one concept after another with the same total number of steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from .config import ImmunizeConfig
+from .merge import MergeFactor, hard_merge, merge_residual, soft_merge
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass
+class ConceptData:
+    """One concept's defense data: VAE latents and text-encoder states of their captions, and the
+    target token rows (concept word to end of prompt) that enter the merge's constraint."""
+
+    name: str
+    latents: torch.Tensor  # (n, c, h, w), scaled
+    text: torch.Tensor  # (n, L, d), one caption per latent
+    target_rows: torch.Tensor  # (t, d)
+
+
+@dataclass
+class Batch:
+    """A fixed diffusion batch: the loss on it is a deterministic function of the weights."""
+
+    latents: torch.Tensor
+    text: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+
+
+def make_batch(latents: torch.Tensor, text: torch.Tensor, batch_size: int, num_timesteps: int, gen: torch.Generator) -> Batch:
+    idx = torch.randint(0, latents.shape[0], (batch_size,), generator=gen)
+    noise = torch.randn(latents[idx].shape, generator=gen, dtype=latents.dtype)
+    t = torch.randint(0, num_timesteps, (batch_size,), generator=gen)
+    return Batch(latents[idx], text[idx], noise, t)
+
+
+def diffusion_loss_at(unet: torch.nn.Module, params: Params, batch: Batch, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """``L(theta; batch)``: the epsilon-prediction loss with the UNet evaluated at ``params``."""
+    abar = alphas_cumprod.to(batch.latents.dtype)[batch.t].view(-1, 1, 1, 1)
+    noisy = abar.sqrt() * batch.latents + (1 - abar).sqrt() * batch.noise
+    pred = functional_call(unet, params, (noisy, batch.t, batch.text)).sample
+    return F.mse_loss(pred, batch.noise)
+
+
+def parameter_names(unet: torch.nn.Module, which: str) -> list[str]:
+    """Names of a parameter set: ``kv`` (cross-attention to_k/to_v), ``cross_attn`` (every
+    cross-attention projection) or ``unet`` (every parameter)."""
+    names = [n for n, _ in unet.named_parameters()]
+    if which == "unet":
+        return names
+    if which == "kv":
+        return [n for n in names if ".attn2." in n and (n.endswith("to_k.weight") or n.endswith("to_v.weight"))]
+    if which == "cross_attn":
+        return [n for n in names if ".attn2." in n and any(k in n for k in ("to_q.", "to_k.", "to_v.", "to_out."))]
+    raise ValueError(f"unknown parameter set {which!r}; use kv, cross_attn or unet")
+
+
+def is_kv(name: str) -> bool:
+    return ".attn2." in name and (name.endswith("to_k.weight") or name.endswith("to_v.weight"))
+
+
+def _update(g: torch.Tensor, rule: str) -> torch.Tensor:
+    """The simulated attacker's update direction for one tensor."""
+    if rule == "sgd":
+        return g
+    if rule == "sign":
+        return torch.sign(g)
+    if rule == "adam":  # Adam's first step from zero moments: m / (sqrt(v) + eps) = g / (|g| + eps)
+        return g / (g.abs() + 1e-8)
+    raise ValueError(f"unknown inner update {rule!r}")
+
+
+def simulate_attacker(
+    unet: torch.nn.Module,
+    params: Params,
+    inner_names: Sequence[str],
+    batches: Sequence[tuple[Batch, Batch]],
+    alphas_cumprod: torch.Tensor,
+    cfg: ImmunizeConfig,
+    create_graph: bool,
+) -> Params:
+    """``cfg.inner_steps`` attacker steps on ``inner_names`` from ``params`` (never mutated):
+    ``phi <- phi - inner_lr * update(grad [L(phi; D) + prior_weight L(phi; P)])``, one (D, P)
+    batch pair per step. Returns the adapted tensors by name. With ``create_graph`` the result is
+    differentiable through the gradient (second order); otherwise the gradient is a constant."""
+    # inner tensors outside the immunized set (frozen, detached) still need a gradient here
+    phi = {n: params[n] if params[n].requires_grad else params[n].detach().requires_grad_(True) for n in inner_names}
+    for step in range(cfg.inner_steps):
+        concept_batch, prior_batch = batches[step % len(batches)]
+        current = {**params, **phi}
+        loss = diffusion_loss_at(unet, current, concept_batch, alphas_cumprod)
+        if cfg.prior_weight:
+            loss = loss + cfg.prior_weight * diffusion_loss_at(unet, current, prior_batch, alphas_cumprod)
+        wrt = [phi[n] for n in inner_names]
+        grads = torch.autograd.grad(loss, wrt, create_graph=create_graph, allow_unused=True)
+        new = {}
+        for n, g in zip(inner_names, grads):
+            if g is None:
+                new[n] = phi[n]
+                continue
+            g = g if create_graph else g.detach()
+            new[n] = phi[n] - cfg.inner_lr * _update(g, cfg.inner_update)
+        phi = new
+    return phi
+
+
+@dataclass
+class MergeContext:
+    """What the merging layer needs, computed once per run: the factor of M = K^T K + delta I and
+    each concept's target rows."""
+
+    factor: MergeFactor
+    targets: list[torch.Tensor]
+    kind: str = "hard"
+    lam: float = 100.0
+
+    def merge_tensor(self, W: torch.Tensor, adapted: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.kind == "hard":
+            return hard_merge(W, adapted, self.targets, self.factor.to(W.dtype))
+        return soft_merge(W, adapted, self.targets, self.factor.to(W.dtype), self.lam)
+
+
+def merge_adapted(params: Params, adapted: Sequence[Params], ctx: MergeContext | None) -> tuple[Params, float]:
+    """The merged attacker: the closed-form merge on every cross-attention K/V tensor, the mean on
+    every other adapted tensor. With one concept and no context, the adapted tensors themselves.
+    Returns the merged tensors and the mean relative merge residual on K/V."""
+    if len(adapted) == 1 and ctx is None:
+        return dict(adapted[0]), 0.0
+    merged, residuals = {}, []
+    for name in adapted[0]:
+        tensors = [a[name] for a in adapted]
+        if is_kv(name) and ctx is not None:
+            merged[name] = ctx.merge_tensor(params[name], tensors)
+            residuals.append(merge_residual(merged[name], tensors, [t.to(tensors[0].dtype) for t in ctx.targets]))
+        else:
+            merged[name] = torch.stack(tensors).mean(0)
+    return merged, float(np.mean(residuals)) if residuals else 0.0
+
+
+@dataclass
+class StepBatches:
+    """Fixed batches of one outer step: per concept, the inner (D, P) pairs and the outer (D, P)."""
+
+    inner: list[list[tuple[Batch, Batch]]]
+    outer: list[tuple[Batch, Batch]]
+
+
+def outer_objective(
+    unet: torch.nn.Module,
+    theta: Params,
+    frozen: Params,
+    inner_names: Sequence[str],
+    batches: StepBatches,
+    alphas_cumprod: torch.Tensor,
+    cfg: ImmunizeConfig,
+    ctx: MergeContext | None,
+    create_graph: bool,
+) -> tuple[torch.Tensor, dict]:
+    """MIMA's outer loss ``-sum_n L(theta_m; D_n) + prior_weight * sum_n L(theta; P_n)`` and its parts."""
+    params = {**frozen, **theta}
+    adapted = [simulate_attacker(unet, params, inner_names, b, alphas_cumprod, cfg, create_graph) for b in batches.inner]
+    merged, residual = merge_adapted(params, adapted, ctx)
+    at_merged = {**params, **merged}
+    concept = sum(diffusion_loss_at(unet, at_merged, d, alphas_cumprod) for d, _ in batches.outer)
+    utility = sum(diffusion_loss_at(unet, params, p, alphas_cumprod) for _, p in batches.outer)
+    loss = -concept + cfg.prior_weight * utility
+    n = len(batches.outer)
+    return loss, {"concept_loss": concept.item() / n, "utility_loss": utility.item() / n, "merge_residual": residual}
+
+
+@contextlib.contextmanager
+def double_backward_attention():
+    """The math SDPA backend: the fused CPU/GPU kernels have no second derivative."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+@dataclass
+class ImmunizeResult:
+    theta: Params  # the immunized tensors (outer parameter set), detached
+    log: dict[str, list] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _sample_step_batches(concepts: Sequence[ConceptData], prior: ConceptData, cfg: ImmunizeConfig, T: int, gen: torch.Generator) -> StepBatches:
+    inner = [
+        [(make_batch(c.latents, c.text, cfg.batch_size, T, gen), make_batch(prior.latents, prior.text, cfg.batch_size, T, gen)) for _ in range(cfg.inner_steps)]
+        for c in concepts
+    ]
+    outer = [(make_batch(c.latents, c.text, cfg.batch_size, T, gen), make_batch(prior.latents, prior.text, cfg.batch_size, T, gen)) for c in concepts]
+    return StepBatches(inner, outer)
+
+
+def evaluation_batches(concepts: Sequence[ConceptData], prior: ConceptData, cfg: ImmunizeConfig, T: int, seed: int) -> list[StepBatches]:
+    """Fixed batches on which the concept loss at the merged attacker and the utility loss are
+    measured before and after immunization (the same batches for both)."""
+    gen = torch.Generator().manual_seed(seed + 10_007)
+    return [_sample_step_batches(concepts, prior, cfg, T, gen) for _ in range(cfg.eval_batches)]
+
+
+def evaluate_objective(unet, theta, frozen, inner_names, eval_batches, alphas_cumprod, cfg, ctx) -> dict:
+    """Mean concept loss at the merged simulated attacker and mean utility loss on fixed batches."""
+    parts = []
+    for b in eval_batches:
+        _, info = outer_objective(unet, theta, frozen, inner_names, b, alphas_cumprod, cfg, ctx, create_graph=False)
+        parts.append(info)
+    return {k: float(np.mean([p[k] for p in parts])) for k in parts[0]}
+
+
+def run_mima(
+    unet: torch.nn.Module,
+    concepts: Sequence[ConceptData],
+    prior: ConceptData,
+    alphas_cumprod: torch.Tensor,
+    cfg: ImmunizeConfig,
+    ctx: MergeContext | None,
+    seed: int,
+    steps: int | None = None,
+    theta: Params | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> ImmunizeResult:
+    """Immunize ``unet``'s ``cfg.outer_params`` against ``concepts`` with MIMA (or, with one concept
+    and ``ctx=None``, IMMA). The module's own parameters are not modified; the immunized tensors
+    are returned (start from ``theta`` when given, to chain runs as ``imma_sequential`` does)."""
+    steps = cfg.steps if steps is None else steps
+    gen = torch.Generator().manual_seed(seed)
+    outer_names = parameter_names(unet, cfg.outer_params)
+    inner_names = parameter_names(unet, cfg.inner_params)
+    start = theta if theta is not None else {n: p for n, p in unet.named_parameters() if n in outer_names}
+    theta = {n: start[n].detach().clone().requires_grad_(True) for n in outer_names}
+    frozen = {n: p.detach() for n, p in unet.named_parameters() if n not in theta}
+    frozen.update({n: b for n, b in unet.named_buffers()})
+    opt = torch.optim.AdamW(list(theta.values()), lr=cfg.outer_lr, weight_decay=0.0)
+    T = alphas_cumprod.shape[0]
+    log: dict[str, list] = {k: [] for k in ("step", "loss", "concept_loss", "utility_loss", "grad_norm", "merge_residual", "seconds")}
+    t0 = time.time()
+    second = cfg.mode == "second_order"
+    for step in tqdm(range(steps), desc=f"immunize ({cfg.mode})", disable=not progress):
+        # 1. fixed batches for this step: per concept, the attacker's and the outer ones
+        batches = _sample_step_batches(concepts, prior, cfg, T, gen)
+        if cfg.mode == "alternating":
+            # 2a. the attacker's merged update is written into theta, no graph through the merge
+            with torch.no_grad():
+                params = {**frozen, **theta}
+            adapted = [simulate_attacker(unet, {**frozen, **{n: v.detach() for n, v in theta.items()}}, inner_names, b, alphas_cumprod, cfg, False) for b in batches.inner]
+            with torch.no_grad():
+                merged, residual = merge_adapted({**frozen, **{n: v.detach() for n, v in theta.items()}}, [{n: v.detach() for n, v in a.items()} for a in adapted], ctx)
+                for n, v in merged.items():
+                    if n in theta:
+                        theta[n].copy_(v)
+            # 2b. an ordinary outer step at the attacked point, on the next batch
+            params = {**frozen, **theta}
+            concept = sum(diffusion_loss_at(unet, params, d, alphas_cumprod) for d, _ in batches.outer)
+            utility = sum(diffusion_loss_at(unet, params, p, alphas_cumprod) for _, p in batches.outer)
+            loss = -concept + cfg.prior_weight * utility
+            n = len(batches.outer)
+            info = {"concept_loss": concept.item() / n, "utility_loss": utility.item() / n, "merge_residual": residual}
+        else:
+            # 2. the outer objective through the attacker and the merge
+            with double_backward_attention() if second else contextlib.nullcontext():
+                loss, info = outer_objective(unet, theta, frozen, inner_names, batches, alphas_cumprod, cfg, ctx, create_graph=second)
+        # 3. the outer optimizer step
+        opt.zero_grad(set_to_none=True)
+        with double_backward_attention() if second else contextlib.nullcontext():
+            loss.backward()
+        grad_norm = torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in theta.values() if p.grad is not None)).item()
+        opt.step()
+        row = {"step": step, "loss": loss.item(), "grad_norm": grad_norm, "seconds": time.time() - t0, **info}
+        for k in log:
+            log[k].append(row[k])
+        if on_step is not None:
+            on_step(step, row)
+    return ImmunizeResult({n: v.detach().clone() for n, v in theta.items()}, log, time.time() - t0)

@@ -1,0 +1,147 @@
+"""Each immunization mode computes the gradient it claims (DESIGN section 6), on a micro UNet in float64."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from mci_lib import immunize as im
+from mci_lib.config import ImmunizeConfig
+from mci_lib.merge import MergeFactor
+
+
+@pytest.fixture()
+def setup():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=4, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=2, cross_attention_dim=6, norm_num_groups=4,
+    ).double()
+    g = torch.Generator().manual_seed(1)
+
+    def concept(name, n=6):
+        return im.ConceptData(name, torch.randn(n, 4, 4, 4, generator=g, dtype=torch.float64), torch.randn(n, 5, 6, generator=g, dtype=torch.float64), torch.randn(2, 6, generator=g, dtype=torch.float64))
+
+    concepts = [concept("a"), concept("b")]
+    prior = concept("prior")
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - betas, 0)
+    K = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    ctx = im.MergeContext(MergeFactor.from_embeddings(K, 1e-3), [c.target_rows for c in concepts])
+    cfg = ImmunizeConfig(inner_lr=0.5, outer_params="kv", inner_params="kv", batch_size=2, prior_weight=0.5)
+    batches = im._sample_step_batches(concepts, prior, cfg, 1000, torch.Generator().manual_seed(2))
+    return unet, concepts, prior, abar, ctx, cfg, batches
+
+
+def _split(unet, cfg):
+    names = im.parameter_names(unet, cfg.outer_params)
+    theta = {n: p.detach().clone().requires_grad_(True) for n, p in unet.named_parameters() if n in names}
+    frozen = {n: p.detach() for n, p in unet.named_parameters() if n not in theta}
+    return theta, frozen, im.parameter_names(unet, cfg.inner_params)
+
+
+def _flat_grad(theta, loss):
+    grads = torch.autograd.grad(loss, list(theta.values()))
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def test_second_order_matches_finite_differences(setup):
+    unet, concepts, prior, abar, ctx, cfg, batches = setup
+    theta, frozen, inner = _split(unet, cfg)
+    with im.double_backward_attention():
+        loss, _ = im.outer_objective(unet, theta, frozen, inner, batches, abar, cfg, ctx, create_graph=True)
+        grad = _flat_grad(theta, loss)
+    direction = torch.randn(grad.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    direction /= direction.norm()
+
+    def f(eps):
+        moved, offset = {}, 0
+        for n, v in theta.items():
+            k = v.numel()
+            moved[n] = (v.detach() + eps * direction[offset : offset + k].view_as(v))
+            offset += k
+        with torch.enable_grad():
+            value, _ = im.outer_objective(unet, moved, frozen, inner, batches, abar, cfg, ctx, create_graph=False)
+        return value.item()
+
+    h = 1e-5
+    numeric = (f(h) - f(-h)) / (2 * h)
+    assert numeric == pytest.approx(float(grad @ direction), rel=1e-5, abs=1e-8)
+
+
+def test_first_order_is_outer_gradient_with_inner_gradient_held_constant(setup):
+    unet, concepts, prior, abar, ctx, cfg, batches = setup
+    theta, frozen, inner = _split(unet, cfg)
+    loss, _ = im.outer_objective(unet, theta, frozen, inner, batches, abar, cfg, ctx, create_graph=False)
+    grad = _flat_grad(theta, loss)
+    # independently: freeze each concept's inner gradient at theta0, then differentiate the outer
+    # loss of theta -> Merge(theta - lr * g0_n) by central differences
+    params0 = {**frozen, **{n: v.detach() for n, v in theta.items()}}
+    g0 = []
+    for b in batches.inner:
+        adapted = im.simulate_attacker(unet, {**frozen, **{n: v.detach().requires_grad_(True) for n, v in theta.items()}}, inner, b, abar, cfg, create_graph=False)
+        g0.append({n: (params0[n] - adapted[n].detach()) / cfg.inner_lr for n in inner})
+
+    def outer_at(th):
+        params = {**frozen, **th}
+        adapted = [{n: th[n] - cfg.inner_lr * g[n] for n in inner} for g in g0]
+        merged, _ = im.merge_adapted(params, adapted, ctx)
+        concept = sum(im.diffusion_loss_at(unet, {**params, **merged}, d, abar) for d, _ in batches.outer)
+        utility = sum(im.diffusion_loss_at(unet, params, p, abar) for _, p in batches.outer)
+        return (-concept + cfg.prior_weight * utility).item()
+
+    direction = torch.randn(grad.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    direction /= direction.norm()
+    moved = lambda eps: {n: v.detach() + eps * direction[o : o + v.numel()].view_as(v) for (n, v), o in zip(theta.items(), _offsets(theta))}
+    numeric = (outer_at(moved(1e-5)) - outer_at(moved(-1e-5))) / 2e-5
+    assert numeric == pytest.approx(float(grad @ direction), rel=1e-5, abs=1e-8)
+    # and it differs from the second-order gradient: the Hessian term is really dropped
+    with im.double_backward_attention():
+        loss2, _ = im.outer_objective(unet, theta, frozen, inner, batches, abar, cfg, ctx, create_graph=True)
+        grad2 = _flat_grad(theta, loss2)
+    assert not torch.allclose(grad, grad2, rtol=1e-3)
+
+
+def _offsets(theta):
+    out, o = [], 0
+    for v in theta.values():
+        out.append(o)
+        o += v.numel()
+    return out
+
+
+def test_attacker_never_mutates_the_weights_it_is_given(setup):
+    unet, concepts, prior, abar, ctx, cfg, batches = setup
+    theta, frozen, inner = _split(unet, cfg)
+    before = {n: v.detach().clone() for n, v in theta.items()}
+    module_before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    adapted = im.simulate_attacker(unet, {**frozen, **theta}, inner, batches.inner[0], abar, replace(cfg, inner_steps=2), create_graph=True)
+    assert all(torch.equal(before[n], theta[n].detach()) for n in theta)
+    assert all(torch.equal(module_before[n], p.detach()) for n, p in unet.named_parameters())
+    assert any(not torch.equal(adapted[n].detach(), before[n]) for n in inner)
+
+
+def test_alternating_leaves_no_graph_through_the_merge(setup):
+    unet, concepts, prior, abar, ctx, cfg, batches = setup
+    theta, frozen, inner = _split(unet, cfg)
+    adapted = [im.simulate_attacker(unet, {**frozen, **{n: v.detach() for n, v in theta.items()}}, inner, b, abar, cfg, False) for b in batches.inner]
+    with torch.no_grad():
+        merged, _ = im.merge_adapted({**frozen, **theta}, adapted, ctx)
+    assert all(v.grad_fn is None and not v.requires_grad for v in merged.values())
+    result = im.run_mima(unet, concepts, prior, abar.float().double(), replace(cfg, mode="alternating"), ctx, seed=0, steps=2, progress=False)
+    assert len(result.log["step"]) == 2 and all(not v.requires_grad for v in result.theta.values())
+
+
+@pytest.mark.parametrize("mode", ["second_order", "first_order", "alternating"])
+def test_run_raises_concept_loss_at_merged_attacker(setup, mode):
+    unet, concepts, prior, abar, ctx, cfg, batches = setup
+    cfg = replace(cfg, mode=mode, outer_lr=5e-3, steps=15)
+    theta, frozen, inner = _split(unet, cfg)
+    evals = im.evaluation_batches(concepts, prior, cfg, 1000, seed=0)
+    start = im.evaluate_objective(unet, theta, frozen, inner, evals, abar, cfg, ctx)
+    result = im.run_mima(unet, concepts, prior, abar, cfg, ctx, seed=0, progress=False)
+    end = im.evaluate_objective(unet, result.theta, frozen, inner, evals, abar, cfg, ctx)
+    assert end["concept_loss"] > start["concept_loss"]
+    assert all(torch.equal(p, unet.get_parameter(n)) for n, p in theta.items())  # module untouched

@@ -162,3 +162,14 @@ def write_csv(path: str | Path, columns: dict[str, list]) -> Path:
         writer.writerow(names)
         writer.writerows(zip(*columns.values()))
     return Path(path)
+
+
+def read_csv(path: str | Path) -> dict[str, list[float]]:
+    """Read a numeric CSV written by :func:`write_csv` back into columns."""
+    import csv
+
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return {k: [float(r[k]) for r in rows] for k in rows[0]}

@@ -40,6 +40,9 @@ class WorldConfig:
     colors: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
     styles: tuple[str, ...] = ("solid", "striped", "dotted", "outlined")
     personal: tuple[str, ...] = ("p1", "p2")
+    position_jitter: float = 0.3  # 0: every shape centred; 1: anywhere it fits
+    max_rotation: float = 15.0  # degrees either way
+    min_radius: float = 0.3  # smallest shape radius as a share of the image (largest: 0.42)
     # images per subject (shape or personal subject) in each split; personal subjects get no pretrain
     pretrain_per_shape: int = 600
     defense_per_subject: int = 24
@@ -82,6 +85,7 @@ class PretrainConfig:
     unet_batch_size: int = 32
     unet_lr: float = 5e-4
     unet_warmup_steps: int = 100
+    loss_weighting: str = "v"  # "v": epsilon loss weighted by 1/abar_t (the v-prediction loss); "none"
     train_text_encoder: bool = True  # False keeps the text encoder at its seeded random weights
     caption_dropout: float = 0.1  # share of empty captions, for classifier-free guidance
     ema_decay: float = 0.995

@@ -159,12 +159,14 @@ def _styled_shape(canvas, shape, color, style, cx, cy, r, theta, size):
     return _paint(canvas, outline, rgb)
 
 
-def _placement(rng: np.random.Generator, size: int, rmin: float, rmax: float):
+def _placement(rng: np.random.Generator, size: int, rmin: float, rmax: float, jitter: float, max_rotation: float):
+    """Radius in [rmin, rmax] x size; centre moved off the middle by up to ``jitter`` of the free
+    room; rotation uniform in +-``max_rotation`` degrees."""
     r = rng.uniform(rmin, rmax) * size
-    margin = r * 1.05
-    cx = rng.uniform(margin, size - margin)
-    cy = rng.uniform(margin, size - margin)
-    theta = math.radians(rng.uniform(-25, 25))
+    room = max(size / 2 - r * 1.05, 0.0) * jitter
+    cx = size / 2 + rng.uniform(-room, room)
+    cy = size / 2 + rng.uniform(-room, room)
+    theta = math.radians(rng.uniform(-max_rotation, max_rotation))
     return cx, cy, r, theta
 
 
@@ -175,22 +177,25 @@ def _finish(canvas: np.ndarray, rng: np.random.Generator, image_size: int) -> np
 
 
 def draw_concept(
-    rng: np.random.Generator, subject: str, color: str, style: str, image_size: int = 32
+    rng: np.random.Generator, subject: str, color: str, style: str, image_size: int = 32, jitter: float = 1.0, max_rotation: float = 25.0, min_radius: float = 0.26
 ) -> np.ndarray:
     """Draw one toy image (HxWx3 uint8): a shape ``subject`` of ``color`` in ``style``, or a
-    personal subject (``p1``, ``p2``; color and style are then ignored)."""
+    personal subject (``p1``, ``p2``; color and style are then ignored). ``jitter`` (0..1) is how
+    far from the centre a shape may sit, ``max_rotation`` its rotation range in degrees and
+    ``min_radius`` its smallest radius as a share of the image (the largest is 0.42)."""
     size = image_size * SCALE
     canvas = _background(rng, size)
+    place = lambda lo: _placement(rng, size, max(lo, min_radius), 0.42, jitter, max_rotation)
     if subject == "p1":  # a yellow star inside a blue ring
-        cx, cy, r, theta = _placement(rng, size, 0.30, 0.42)
+        cx, cy, r, theta = place(0.30)
         canvas = _styled_shape(canvas, "circle", "blue", "outlined", cx, cy, r, theta, size)
         canvas = _styled_shape(canvas, "star", "yellow", "solid", cx, cy, 0.58 * r, theta, size)
     elif subject == "p2":  # a red cross on a green square
-        cx, cy, r, theta = _placement(rng, size, 0.30, 0.42)
+        cx, cy, r, theta = place(0.30)
         canvas = _styled_shape(canvas, "square", "green", "solid", cx, cy, r, theta, size)
         canvas = _styled_shape(canvas, "cross", "red", "solid", cx, cy, 0.6 * r, theta, size)
     else:
-        cx, cy, r, theta = _placement(rng, size, 0.26, 0.42)
+        cx, cy, r, theta = place(min_radius)
         canvas = _styled_shape(canvas, subject, color, style, cx, cy, r, theta, size)
     return _finish(canvas, rng, image_size)
 
@@ -246,6 +251,19 @@ def caption_for(rng: np.random.Generator, subject: str, color: str, style: str) 
     return template.format(shape=subject, color=color, style=style)
 
 
+def regularization_captions(world: WorldConfig, n: int, seed: int, exclude: Sequence[str] = ()) -> list[str]:
+    """A fixed, seeded, local caption set for the merge's regularization term: template captions
+    over the shapes not in ``exclude`` (so the merge keeps the model's outputs on them)."""
+    shapes = [s for s in world.shapes if s not in exclude]
+    if not shapes:
+        raise ValueError("regularization_captions: every shape is excluded")
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(31337,)))
+    return [
+        caption_for(rng, shapes[rng.integers(len(shapes))], world.colors[rng.integers(len(world.colors))], world.styles[rng.integers(len(world.styles))])
+        for _ in range(n)
+    ]
+
+
 def _split_sizes(world: WorldConfig, subject: str) -> dict[str, int]:
     personal = subject in world.personal
     return {
@@ -286,7 +304,7 @@ def generate_records(world: WorldConfig, seed: int) -> Iterable[tuple[ToyRecord,
                 else:
                     color = world.colors[rng.integers(len(world.colors))]
                     style = world.styles[rng.integers(len(world.styles))]
-                image = draw_concept(rng, subject, color, style, world.image_size)
+                image = draw_concept(rng, subject, color, style, world.image_size, world.position_jitter, world.max_rotation, world.min_radius)
                 caption = caption_for(rng, subject, color, style)
                 record = ToyRecord(f"images/{split}/{subject}_{i:04d}.png", split, subject, color, style, caption)
                 yield record, image

@@ -148,9 +148,14 @@ class MergeContext:
     lam: float = 100.0
 
     def merge_tensor(self, W: torch.Tensor, adapted: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Merge in float64 (the solves are ill-conditioned in float32), differentiably cast back."""
+        W64, A64 = W.double(), [a.double() for a in adapted]
+        targets = [t.double() for t in self.targets]
         if self.kind == "hard":
-            return hard_merge(W, adapted, self.targets, self.factor.to(W.dtype))
-        return soft_merge(W, adapted, self.targets, self.factor.to(W.dtype), self.lam)
+            merged = hard_merge(W64, A64, targets, self.factor.to(torch.float64))
+        else:
+            merged = soft_merge(W64, A64, targets, self.factor.to(torch.float64), self.lam)
+        return merged.to(W.dtype)
 
 
 def merge_adapted(params: Params, adapted: Sequence[Params], ctx: MergeContext | None) -> tuple[Params, float]:
@@ -164,7 +169,7 @@ def merge_adapted(params: Params, adapted: Sequence[Params], ctx: MergeContext |
         tensors = [a[name] for a in adapted]
         if is_kv(name) and ctx is not None:
             merged[name] = ctx.merge_tensor(params[name], tensors)
-            residuals.append(merge_residual(merged[name], tensors, [t.to(tensors[0].dtype) for t in ctx.targets]))
+            residuals.append(merge_residual(merged[name].double(), [t.double() for t in tensors], [t.double() for t in ctx.targets]))
         else:
             merged[name] = torch.stack(tensors).mean(0)
     return merged, float(np.mean(residuals)) if residuals else 0.0
@@ -307,3 +312,121 @@ def run_mima(
         if on_step is not None:
             on_step(step, row)
     return ImmunizeResult({n: v.detach().clone() for n, v in theta.items()}, log, time.time() - t0)
+
+
+# ---------------------------------------------------------------------------------------------
+# methods and their inputs
+
+
+def concept_data(pipe, name: str, latents: torch.Tensor, captions: Sequence[str], target_prompts: Sequence[str], target_words: Sequence[str]) -> ConceptData:
+    """A concept's defense data: latents with the text-encoder states of their captions, and the
+    target rows (concept word to end of prompt) of ``target_prompts`` for the merge."""
+    from .erase import token_rows
+    from .models import encode_prompts
+
+    text = encode_prompts(pipe, list(captions))
+    rows = torch.cat(token_rows(pipe, target_prompts, target_words))
+    return ConceptData(name, latents, text, rows)
+
+
+def merge_context(pipe, concepts: Sequence[ConceptData], reg_captions: Sequence[str], cfg: ImmunizeConfig) -> MergeContext:
+    """The merge's fixed inputs, computed once per run: every token row of the regularization
+    captions (K) factored as M = K^T K + delta I, and each concept's target rows."""
+    from .models import encode_prompts
+
+    K = encode_prompts(pipe, list(reg_captions)).reshape(-1, pipe.text_encoder.config.hidden_size).double()
+    return MergeContext(MergeFactor.from_embeddings(K, cfg.merge_delta), [c.target_rows.double() for c in concepts], cfg.merge, cfg.merge_lam)
+
+
+def _union(concepts: Sequence[ConceptData]) -> ConceptData:
+    return ConceptData(
+        "+".join(c.name for c in concepts),
+        torch.cat([c.latents for c in concepts]),
+        torch.cat([c.text for c in concepts]),
+        torch.cat([c.target_rows for c in concepts]),
+    )
+
+
+def immunize(
+    method: str,
+    unet: torch.nn.Module,
+    concepts: Sequence[ConceptData],
+    prior: ConceptData,
+    alphas_cumprod: torch.Tensor,
+    cfg: ImmunizeConfig,
+    ctx: MergeContext,
+    seed: int,
+    progress: bool = True,
+) -> ImmunizeResult:
+    """One entry point for every method: ``mima`` (merge of N simulated attackers), ``imma`` (one
+    concept), ``imma_joint`` (IMMA on the union of all concepts' data) and ``imma_sequential``
+    (IMMA on one concept after another, ``cfg.steps`` in total)."""
+    if not concepts:
+        raise ValueError("immunize: no concepts given; set the threat's targets in params.yaml")
+    if method == "mima":
+        return run_mima(unet, concepts, prior, alphas_cumprod, cfg, ctx, seed, progress=progress)
+    if method == "imma":
+        if len(concepts) != 1:
+            raise ValueError(f"imma immunizes one concept; got {len(concepts)} (use mima, imma_joint or imma_sequential)")
+        return run_mima(unet, concepts, prior, alphas_cumprod, cfg, None, seed, progress=progress)
+    if method == "imma_joint":
+        return run_mima(unet, [_union(concepts)], prior, alphas_cumprod, cfg, None, seed, progress=progress)
+    if method == "imma_sequential":
+        theta, logs, seconds = None, [], 0.0
+        share = [cfg.steps // len(concepts) + (1 if k < cfg.steps % len(concepts) else 0) for k in range(len(concepts))]
+        for k, (concept, steps) in enumerate(zip(concepts, share)):
+            result = run_mima(unet, [concept], prior, alphas_cumprod, cfg, None, seed + k, steps=steps, theta=theta, progress=progress)
+            theta, seconds = result.theta, seconds + result.seconds
+            logs.append(result.log)
+        log = {key: [v for part in logs for v in part[key]] for key in logs[0]}
+        log["step"] = list(range(len(log["step"])))
+        return ImmunizeResult(theta, log, seconds)
+    raise ValueError(f"unknown immunization method {method!r}; use mima, imma, imma_joint or imma_sequential")
+
+
+def changed_tensors(unet: torch.nn.Module, theta: Params) -> Params:
+    """Exactly the tensors that immunization changed (for the safetensors delta)."""
+    current = dict(unet.named_parameters())
+    return {n: v.detach().clone() for n, v in theta.items() if not torch.equal(v, current[n].detach())}
+
+
+@torch.no_grad()
+def apply_delta(unet: torch.nn.Module, delta: Params) -> None:
+    """Write a delta into ``unet``; a tensor it does not have, or of another shape, is an error."""
+    current = dict(unet.named_parameters())
+    for n, v in delta.items():
+        if n not in current:
+            raise ValueError(f"delta tensor {n!r} is not a parameter of this UNet (a delta for another architecture?)")
+        if current[n].shape != v.shape:
+            raise ValueError(f"delta tensor {n!r} has shape {tuple(v.shape)}, the UNet's is {tuple(current[n].shape)}")
+        current[n].copy_(v)
+
+
+def toy_threat_concepts(pipe, data_dir, records, world, targets: Sequence[str], vae_latents, prior_size: int, seed: int) -> tuple[list[ConceptData], ConceptData]:
+    """The toy world's inputs for one threat: each target's ``defense`` split (shapes captioned
+    "a photo of a <color> <shape>", personal subjects "a photo of a <class word>") and, as the
+    prior/utility data, ``prior_size`` ``pretrain`` images of the other shapes."""
+    from .data import PERSONAL_SUBJECTS, caption_for, load_images, select
+
+    concepts = []
+    for target in targets:
+        recs = select(records, "defense", target)
+        if not recs:
+            raise ValueError(f"threat target {target!r} has no defense images in {data_dir}; known subjects: {sorted({r.subject for r in records})}")
+        latents = vae_latents(load_images(data_dir, recs))
+        if target in PERSONAL_SUBJECTS:
+            word = PERSONAL_SUBJECTS[target]["class_word"]
+            captions = [f"a photo of a {word}"] * len(recs)
+            prompts, words = [f"a photo of a {word}"], [word]
+        else:
+            captions = [f"a photo of a {r.color} {target}" for r in recs]
+            prompts, words = [f"a photo of a {c} {target}" for c in world.colors], [target] * len(world.colors)
+        concepts.append(concept_data(pipe, target, latents, captions, prompts, words))
+    rng = np.random.default_rng(seed)
+    others = [r for r in select(records, "pretrain") if r.subject not in targets]
+    chosen = [others[i] for i in sorted(rng.choice(len(others), size=min(prior_size, len(others)), replace=False))]
+    prior_caps = [caption_for(rng, r.subject, r.color, r.style) for r in chosen]
+    from .models import encode_prompts
+
+    prior = ConceptData("prior", vae_latents(load_images(data_dir, chosen)), encode_prompts(pipe, prior_caps), torch.zeros(0, pipe.text_encoder.config.hidden_size))
+    return concepts, prior

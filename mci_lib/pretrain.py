@@ -80,13 +80,24 @@ class PromptCache:
         return torch.stack([self.cache[p] for p in prompts])
 
 
-def diffusion_loss(unet, scheduler: DDPMScheduler, latents: torch.Tensor, text: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The epsilon-prediction loss L(theta; batch) of DESIGN section 6 on one batch of latents."""
+def diffusion_loss(
+    unet, scheduler: DDPMScheduler, latents: torch.Tensor, text: torch.Tensor, generator: torch.Generator | None = None, weighting: str = "none"
+) -> torch.Tensor:
+    """The epsilon-prediction loss L(theta; batch) of DESIGN section 6 on one batch of latents.
+
+    ``weighting="v"`` multiplies each sample's loss by ``1 / abar_t``, which makes it equal to the
+    v-prediction loss of the same model: the epsilon loss alone gives almost no weight to high
+    noise levels, where a small model must learn what the prompt asks for."""
     noise = torch.randn(latents.shape, generator=generator)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     noisy = scheduler.add_noise(latents, noise, t)
     pred = unet(noisy, t, text).sample
-    return F.mse_loss(pred, noise)
+    per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+    if weighting == "v":
+        per_sample = per_sample / scheduler.alphas_cumprod.to(per_sample.dtype)[t]
+    elif weighting != "none":
+        raise ValueError(f"unknown loss weighting {weighting!r}; use none or v")
+    return per_sample.mean()
 
 
 def train_unet(
@@ -131,7 +142,7 @@ def train_unet(
             tok = pipe.tokenizer(caps, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
             text = text_encoder(tok.input_ids)[0]
         # 2. the epsilon-prediction loss
-        loss = diffusion_loss(unet, ddpm, latents[idx], text, gen)
+        loss = diffusion_loss(unet, ddpm, latents[idx], text, gen, cfg.loss_weighting)
         # 3. optimizer, schedule and EMA
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -51,6 +51,10 @@ MICRO = {
     "sampling.samples_per_concept": 2,
     "sampling.num_inference_steps": 2,
     "sampling.batch_size": 4,
+    "immunize.steps": 2,
+    "immunize.batch_size": 2,
+    "immunize.reg_captions": 4,
+    "immunize.eval_batches": 1,
 }
 
 

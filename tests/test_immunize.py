@@ -137,7 +137,7 @@ def test_alternating_leaves_no_graph_through_the_merge(setup):
 @pytest.mark.parametrize("mode", ["second_order", "first_order", "alternating"])
 def test_run_raises_concept_loss_at_merged_attacker(setup, mode):
     unet, concepts, prior, abar, ctx, cfg, batches = setup
-    cfg = replace(cfg, mode=mode, outer_lr=5e-3, steps=15)
+    cfg = replace(cfg, mode=mode, outer_lr=1e-2, steps=6)
     theta, frozen, inner = _split(unet, cfg)
     evals = im.evaluation_batches(concepts, prior, cfg, 1000, seed=0)
     start = im.evaluate_objective(unet, theta, frozen, inner, evals, abar, cfg, ctx)

@@ -21,16 +21,27 @@ def _overrides(tmp_path, clip_vocab):
     }
 
 
-def test_data_prep_notebook_runs_with_micro_parameters(tmp_path, clip_vocab):
-    out = tmp_path / "01_data_prep.ipynb"
+def _run(name, tmp_path, clip_vocab, **extra):
     pm.execute_notebook(
-        str(ROOT / "notebooks" / "01_data_prep.ipynb"),
-        str(out),
-        parameters={"params_file": str(ROOT / "params.yaml"), "overrides": _overrides(tmp_path, clip_vocab), "progress": False},
+        str(ROOT / "notebooks" / name),
+        str(tmp_path / name),
+        parameters={"params_file": str(ROOT / "params.yaml"), "overrides": _overrides(tmp_path, clip_vocab), "progress": False, **extra},
         cwd=str(ROOT),
         kernel_name="python3",
         progress_bar=False,
     )
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory, clip_vocab):
+    """The micro pipeline run once: data prep, erase, immunize (both threats)."""
+    tmp_path = tmp_path_factory.mktemp("pipeline")
+    _run("01_data_prep.ipynb", tmp_path, clip_vocab)
+    return tmp_path
+
+
+def test_data_prep_notebook_runs_with_micro_parameters(pipeline_dir):
+    tmp_path = pipeline_dir
     metrics = json.loads((tmp_path / "reports" / "metrics" / "data_prep.json").read_text())
     for key in ("judge_test_accuracy", "judge_reject_rate_on_noise", "base_shape_presence", "base_shape_presence_min", "base_color_accuracy", "seconds"):
         assert key in metrics
@@ -50,3 +61,23 @@ def test_committed_notebooks_are_clean():
         for c in code:
             src = "".join(c["source"])
             assert not any(line.lstrip().startswith(("def ", "class ")) for line in src.splitlines()), f"{path.name} defines code"
+
+
+def test_erase_and_immunize_notebooks_run_with_micro_parameters(pipeline_dir, clip_vocab):
+    from safetensors.torch import load_file
+
+    tmp_path = pipeline_dir
+    _run("02a_erase.ipynb", tmp_path, clip_vocab)
+    erase = json.loads((tmp_path / "reports" / "metrics" / "erase.json").read_text())
+    assert set(erase["erased_presence"]) == {"star", "heart"}
+    for threat in ("relearn", "personalize"):
+        _run("02_immunize.ipynb", tmp_path, clip_vocab, threat=threat)
+        metrics = json.loads((tmp_path / "reports" / "metrics" / f"immunize_{threat}.json").read_text())
+        assert set(metrics) == {"mima", "imma_joint", "imma_sequential"}
+        for method, m in metrics.items():
+            folder = tmp_path / "models" / "immunized" / threat / method
+            assert (folder / "model_index.json").is_file() and (folder / "log.csv").is_file()
+            delta = load_file(str(folder / "delta.safetensors"))
+            assert 0 < len(delta) == m["changed_tensors"]
+            assert all(".attn2." in k for k in delta)  # the default outer set: cross-attention
+            assert m["steps"] == 2

@@ -77,25 +77,25 @@ class ModelConfig:
 class PretrainConfig:
     """Base-model pretraining on the toy world's pretrain split."""
 
-    vae_steps: int = 1200
-    vae_batch_size: int = 64
+    vae_steps: int = 700
+    vae_batch_size: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 2000
+    unet_steps: int = 1200
     unet_batch_size: int = 32
-    unet_lr: float = 5e-4
+    unet_lr: float = 1e-3
     unet_warmup_steps: int = 100
     loss_weighting: str = "v"  # "v": epsilon loss weighted by 1/abar_t (the v-prediction loss); "none"
     train_text_encoder: bool = True  # False keeps the text encoder at its seeded random weights
     caption_dropout: float = 0.1  # share of empty captions, for classifier-free guidance
-    ema_decay: float = 0.995
+    ema_decay: float = 0.99
 
 
 @dataclass(frozen=True)
 class JudgeConfig:
     """The toy world's judge: subject, color and style heads with a reject option."""
 
-    steps: int = 1500
+    steps: int = 800
     batch_size: int = 64
     lr: float = 2e-3
     feature_dim: int = 128

@@ -281,11 +281,10 @@ def run_mima(
         batches = _sample_step_batches(concepts, prior, cfg, T, gen)
         if cfg.mode == "alternating":
             # 2a. the attacker's merged update is written into theta, no graph through the merge
+            current = {**frozen, **{n: v.detach() for n, v in theta.items()}}
+            adapted = [simulate_attacker(unet, current, inner_names, b, alphas_cumprod, cfg, False) for b in batches.inner]
             with torch.no_grad():
-                params = {**frozen, **theta}
-            adapted = [simulate_attacker(unet, {**frozen, **{n: v.detach() for n, v in theta.items()}}, inner_names, b, alphas_cumprod, cfg, False) for b in batches.inner]
-            with torch.no_grad():
-                merged, residual = merge_adapted({**frozen, **{n: v.detach() for n, v in theta.items()}}, [{n: v.detach() for n, v in a.items()} for a in adapted], ctx)
+                merged, residual = merge_adapted(current, [{n: v.detach() for n, v in a.items()} for a in adapted], ctx)
                 for n, v in merged.items():
                     if n in theta:
                         theta[n].copy_(v)

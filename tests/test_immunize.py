@@ -11,6 +11,13 @@ from mci_lib.config import ImmunizeConfig
 from mci_lib.merge import MergeFactor
 
 
+@pytest.fixture(autouse=True)
+def math_attention():
+    """float64 attention on the CPU: the math backend (the fused kernel's float64 path is very slow)."""
+    with im.double_backward_attention():
+        yield
+
+
 @pytest.fixture()
 def setup():
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .config import ModelConfig
@@ -105,17 +105,17 @@ def text_config(cfg: ModelConfig, vocab_size: int) -> CLIPTextConfig:
     )
 
 
-def noise_schedulers(cfg: ModelConfig) -> tuple[DDPMScheduler, DDIMScheduler]:
-    """SD's training (DDPM) and sampling (DDIM) schedulers: ``scaled_linear`` betas."""
-    common = dict(
+def ddim_scheduler(cfg: ModelConfig) -> DDIMScheduler:
+    """SD v1's sampling scheduler (DDIM, ``scaled_linear`` betas); training derives DDPM from its config."""
+    return DDIMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_start=cfg.beta_start,
         beta_end=cfg.beta_end,
         beta_schedule="scaled_linear",
         clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
-    ddim = DDIMScheduler(**common, set_alpha_to_one=False, steps_offset=1)
-    return DDPMScheduler(**common), ddim
 
 
 def build_tiny_pipeline(cfg: ModelConfig, bpe_path: str | Path, image_size: int = 32, seed: int = 0) -> StableDiffusionPipeline:
@@ -133,13 +133,12 @@ def build_tiny_pipeline(cfg: ModelConfig, bpe_path: str | Path, image_size: int 
     text_encoder = CLIPTextModel(text_config(cfg, len(tokenizer)))
     vae = AutoencoderKL(**vae_config(cfg, image_size))
     unet = UNet2DConditionModel(**unet_config(cfg, image_size // factor))
-    _, ddim = noise_schedulers(cfg)
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=ddim,
+        scheduler=ddim_scheduler(cfg),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from diffusers import StableDiffusionPipeline
 
-from .models import encode_prompts
+from .models import encode_prompts, is_cross_attention_kv
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def uce_erase(pipe: StableDiffusionPipeline, prompts: ErasePrompts, lam: float, 
     r = torch.cat(token_rows(pipe, prompts.preserve, prompts.preserve_words)).double() if prompts.preserve else c[:0]
     edited = {}
     for name, param in pipe.unet.named_parameters():
-        if ".attn2." in name and (name.endswith("to_k.weight") or name.endswith("to_v.weight")):
+        if is_cross_attention_kv(name):
             new = uce_edit(param.double(), c, cg, r, lam, s_p).to(param.dtype)
             param.copy_(new)
             edited[name] = new

@@ -34,7 +34,10 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .config import ImmunizeConfig
+from .data import PERSONAL_SUBJECTS, caption_for, load_images, select
+from .erase import token_rows
 from .merge import MergeFactor, hard_merge, merge_residual, soft_merge
+from .models import encode_prompts, is_cross_attention_kv as is_kv
 
 Params = dict[str, torch.Tensor]
 
@@ -82,14 +85,10 @@ def parameter_names(unet: torch.nn.Module, which: str) -> list[str]:
     if which == "unet":
         return names
     if which == "kv":
-        return [n for n in names if ".attn2." in n and (n.endswith("to_k.weight") or n.endswith("to_v.weight"))]
+        return [n for n in names if is_kv(n)]
     if which == "cross_attn":
         return [n for n in names if ".attn2." in n and any(k in n for k in ("to_q.", "to_k.", "to_v.", "to_out."))]
     raise ValueError(f"unknown parameter set {which!r}; use kv, cross_attn or unet")
-
-
-def is_kv(name: str) -> bool:
-    return ".attn2." in name and (name.endswith("to_k.weight") or name.endswith("to_v.weight"))
 
 
 def _update(g: torch.Tensor, rule: str) -> torch.Tensor:
@@ -320,9 +319,6 @@ def run_mima(
 def concept_data(pipe, name: str, latents: torch.Tensor, captions: Sequence[str], target_prompts: Sequence[str], target_words: Sequence[str]) -> ConceptData:
     """A concept's defense data: latents with the text-encoder states of their captions, and the
     target rows (concept word to end of prompt) of ``target_prompts`` for the merge."""
-    from .erase import token_rows
-    from .models import encode_prompts
-
     text = encode_prompts(pipe, list(captions))
     rows = torch.cat(token_rows(pipe, target_prompts, target_words))
     return ConceptData(name, latents, text, rows)
@@ -331,8 +327,6 @@ def concept_data(pipe, name: str, latents: torch.Tensor, captions: Sequence[str]
 def merge_context(pipe, concepts: Sequence[ConceptData], reg_captions: Sequence[str], cfg: ImmunizeConfig) -> MergeContext:
     """The merge's fixed inputs, computed once per run: every token row of the regularization
     captions (K) factored as M = K^T K + delta I, and each concept's target rows."""
-    from .models import encode_prompts
-
     K = encode_prompts(pipe, list(reg_captions)).reshape(-1, pipe.text_encoder.config.hidden_size).double()
     return MergeContext(MergeFactor.from_embeddings(K, cfg.merge_delta), [c.target_rows.double() for c in concepts], cfg.merge, cfg.merge_lam)
 
@@ -405,8 +399,6 @@ def toy_threat_concepts(pipe, data_dir, records, world, targets: Sequence[str], 
     """The toy world's inputs for one threat: each target's ``defense`` split (shapes captioned
     "a photo of a <color> <shape>", personal subjects "a photo of a <class word>") and, as the
     prior/utility data, ``prior_size`` ``pretrain`` images of the other shapes."""
-    from .data import PERSONAL_SUBJECTS, caption_for, load_images, select
-
     concepts = []
     for target in targets:
         recs = select(records, "defense", target)
@@ -425,7 +417,5 @@ def toy_threat_concepts(pipe, data_dir, records, world, targets: Sequence[str], 
     others = [r for r in select(records, "pretrain") if r.subject not in targets]
     chosen = [others[i] for i in sorted(rng.choice(len(others), size=min(prior_size, len(others)), replace=False))]
     prior_caps = [caption_for(rng, r.subject, r.color, r.style) for r in chosen]
-    from .models import encode_prompts
-
     prior = ConceptData("prior", vae_latents(load_images(data_dir, chosen)), encode_prompts(pipe, prior_caps), torch.zeros(0, pipe.text_encoder.config.hidden_size))
     return concepts, prior

@@ -215,6 +215,12 @@ def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.T
     return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]
 
 
+def is_cross_attention_kv(name: str) -> bool:
+    """Whether a UNet parameter name is a cross-attention key or value weight (what UCE edits and
+    the merging layer merges)."""
+    return ".attn2." in name and (name.endswith("to_k.weight") or name.endswith("to_v.weight"))
+
+
 def cross_attention_projections(unet: UNet2DConditionModel) -> dict[str, torch.nn.Parameter]:
     """Every cross-attention (``attn2``) projection weight of the UNet, by parameter name."""
     return {n: p for n, p in unet.named_parameters() if ".attn2." in n and n.endswith("weight") and any(k in n for k in ("to_q", "to_k", "to_v", "to_out"))}

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .config import PretrainConfig
 from .data import ToyRecord, caption_for, to_model_range
+from .models import encode_prompts
 
 
 def train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg: PretrainConfig, seed: int, progress: bool = True) -> list[float]:
@@ -74,9 +75,7 @@ class PromptCache:
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
         new = sorted({p for p in prompts if p not in self.cache})
         if new:
-            tok = self.pipe.tokenizer(new, padding="max_length", max_length=self.pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
-            hidden = self.pipe.text_encoder(tok.input_ids)[0]
-            self.cache.update(zip(new, hidden))
+            self.cache.update(zip(new, encode_prompts(self.pipe, new)))
         return torch.stack([self.cache[p] for p in prompts])
 
 

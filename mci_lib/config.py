@@ -129,6 +129,7 @@ class EraseConfig:
 
 
 METHODS = ("mima", "imma", "imma_joint", "imma_sequential")
+ATTACKS = ("full", "lora", "dreambooth", "dreambooth_lora", "textual_inversion", "custom_diffusion")
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,52 @@ class ImmunizeConfig:
 
 
 @dataclass(frozen=True)
+class AttackLR:
+    """Each attack's default learning rate (AdamW)."""
+
+    full: float = 2e-4
+    lora: float = 1e-3
+    dreambooth: float = 1e-4
+    dreambooth_lora: float = 1e-3
+    textual_inversion: float = 5e-3
+    custom_diffusion: float = 1e-3
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """The attack suite and its budgets (DESIGN section 7). Results at fewer steps are read off the
+    ``checkpoints`` of one run (the learning rate is constant), so the steps axis of the budget
+    sweep costs nothing extra."""
+
+    relearn: tuple[str, ...] = ("full", "lora")
+    personalize: tuple[str, ...] = ("dreambooth", "dreambooth_lora", "textual_inversion", "custom_diffusion")
+    seeds: tuple[int, ...] = (0, 1)
+    steps: int = 100
+    checkpoints: tuple[int, ...] = (25, 50, 100)
+    batch_size: int = 4
+    lora_rank: int = 4
+    prior_weight: float = 1.0
+    class_images: int = 32
+    utility_samples: int = 32  # per non-target shape, for utility presence and Frechet distance
+    lr: AttackLR = field(default_factory=AttackLR)
+    sweep_attacks: tuple[str, ...] = ("lora",)  # which attacks get the budget sweep
+    sweep_lr_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
+    sweep_lora_ranks: tuple[int, ...] = (2, 4, 8)
+    sweep_seeds: tuple[int, ...] = (0,)
+
+    def __post_init__(self):
+        for key in ("relearn", "personalize", "sweep_attacks"):
+            for kind in getattr(self, key):
+                if kind not in ATTACKS:
+                    raise ParamsError(f"attack.{key}: unknown attack {kind!r}; known: {', '.join(ATTACKS)}")
+        if self.steps < 1 or self.batch_size < 1 or not self.seeds:
+            raise ParamsError("attack.steps and attack.batch_size must be >= 1 and attack.seeds non-empty")
+        late = [c for c in self.checkpoints if c < 1 or c > self.steps]
+        if late:
+            raise ParamsError(f"attack.checkpoints {late} fall outside 1..attack.steps ({self.steps})")
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0
     device: str = "cpu"
@@ -185,6 +232,7 @@ class Params:
     personalize: ThreatConfig = field(default_factory=lambda: ThreatConfig(("p1", "p2")))
     erase: EraseConfig = field(default_factory=EraseConfig)
     immunize: ImmunizeConfig = field(default_factory=ImmunizeConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:

@@ -28,13 +28,15 @@ from .config import WorldConfig
 SPLITS = ("pretrain", "defense", "attack", "reference", "judge_train", "judge_test")
 SCALE = 4  # drawing super-sampling factor
 
+# Hues spread so that neighbours (red/orange/yellow, blue/purple) differ by at least ~90 in one
+# channel: a tiny model's samples drift by a few tens of levels, and the judge must still read them.
 COLOR_RGB = {
-    "red": (215, 35, 35),
-    "green": (35, 160, 55),
-    "blue": (35, 75, 215),
-    "yellow": (235, 195, 20),
-    "purple": (140, 55, 185),
-    "orange": (245, 125, 25),
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 230),
+    "yellow": (240, 230, 40),
+    "purple": (160, 30, 200),
+    "orange": (255, 135, 0),
 }
 
 # Personal subjects: composite designs that pretraining never shows, each with the class word

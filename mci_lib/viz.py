@@ -38,3 +38,39 @@ def save_image(image: Image.Image, path: str | Path) -> Path:
     with atomic_file(path, "wb") as fh:
         image.save(fh, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
     return path
+
+
+def attack_curves(rows: Sequence[dict], metric: str = "presence"):
+    """``metric`` (presence or sim) against attack step, mean over seeds: one panel per attack,
+    one line per model (method), one line style per concept. Returns the matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    frame = pd.DataFrame(list(rows))
+    attacks = sorted(frame["attack"].unique())
+    fig, axes = plt.subplots(1, len(attacks), figsize=(4.2 * len(attacks), 3.4), squeeze=False, sharey=True)
+    for ax, attack in zip(axes[0], attacks):
+        part = frame[frame["attack"] == attack]
+        sns.lineplot(data=part, x="step", y=metric, hue="method", style="concept", marker="o", errorbar=None, ax=ax)
+        ax.set_title(attack)
+        ax.set_xlabel("attack step")
+        ax.set_ylabel(metric)
+        if ax is not axes[0][-1]:
+            ax.get_legend().remove()
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as PNG atomically."""
+    from .artifacts import atomic_file
+
+    path = Path(path)
+    with atomic_file(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=dpi)
+    return path

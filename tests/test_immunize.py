@@ -152,3 +152,14 @@ def test_run_raises_concept_loss_at_merged_attacker(setup, mode):
     end = im.evaluate_objective(unet, result.theta, frozen, inner, evals, abar, cfg, ctx)
     assert end["concept_loss"] > start["concept_loss"]
     assert all(torch.equal(p, unet.get_parameter(n)) for n, p in theta.items())  # module untouched
+
+
+def test_batched_losses_equal_separate_calls(setup):
+    """One UNet call on concatenated batches gives each batch's own loss (no cross-sample mixing)."""
+    unet, concepts, prior, abar, ctx, cfg, batches = setup
+    params = dict(unet.named_parameters())
+    pair = batches.outer[0]
+    together = im.diffusion_losses_at(unet, params, list(pair), abar)
+    apart = [im.diffusion_loss_at(unet, params, b, abar) for b in pair]
+    assert torch.allclose(torch.stack(together), torch.stack(apart), rtol=1e-12, atol=0)
+    assert not torch.allclose(together[0], together[1])

@@ -1,4 +1,4 @@
-"""Time and peak memory of one immunization step on the tiny model (DESIGN section 6).
+"""Time and peak memory (process peak RSS so far) of one immunization step on the tiny model (DESIGN section 6).
 
 Measures, with the same per-concept batch: a plain fine-tuning step (forward + backward + AdamW on
 the UNet's cross-attention), MIMA ``first_order`` and ``second_order`` steps for N = 1..4, and the
@@ -111,12 +111,16 @@ def main() -> None:
         params = {**frozen, **theta}
         adapted = [{nm: params[nm] + 0.01 for nm in kv} for _ in range(n)]
         merge_sec = timed(lambda: im.merge_adapted(params, adapted, ctx), args.repeats)
-        rows.append({"step": "merge layer", "N": n, "seconds": merge_sec, "ratio": merge_sec / base, "floor": None, "peak_rss_mb": peak_rss_mb()})
+        first = next(r["seconds"] for r in rows if r["N"] == n and r["step"] == "MIMA first_order")
+        rows.append({"step": "merge layer", "N": n, "seconds": merge_sec, "ratio": merge_sec / base, "floor": None, "peak_rss_mb": peak_rss_mb(),
+                     "share_of_first_order_step": merge_sec / first})
 
-    print(f"{'step':<22}{'N':>3}{'ms':>10}{'x plain':>10}{'floor':>8}{'peak MB':>10}")
+    print(f"{'step':<22}{'N':>3}{'ms':>10}{'x plain':>10}{'floor':>8}{'x floor':>9}{'peak MB':>10}")
     for r in rows:
         floor = "" if r["floor"] is None else f"{r['floor']:.0f}"
-        print(f"{r['step']:<22}{r['N']:>3}{1000 * r['seconds']:>10.1f}{r['ratio']:>10.2f}{floor:>8}{r['peak_rss_mb']:>10.0f}")
+        vs_floor = "" if r["floor"] is None else f"{r['ratio'] / r['floor']:.2f}"
+        note = f"  ({100 * r['share_of_first_order_step']:.1f}% of a first-order step)" if "share_of_first_order_step" in r else ""
+        print(f"{r['step']:<22}{r['N']:>3}{1000 * r['seconds']:>10.1f}{r['ratio']:>10.2f}{floor:>8}{vs_floor:>9}{r['peak_rss_mb']:>10.0f}{note}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"params": {"batch_size": cfg.batch_size, "inner_params": cfg.inner_params, "outer_params": cfg.outer_params, "threads": p.threads}, "rows": rows}, indent=2) + "\n")

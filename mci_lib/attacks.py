@@ -327,11 +327,11 @@ def run_suite(
     return rows, images
 
 
-def sweep_budgets(cfg: AttackConfig) -> dict[str, list[Budget]]:
-    """The attacker-budget grid of ``cfg.sweep_attacks``: learning-rate scales x LoRA ranks (rank
-    only for LoRA attacks); the steps axis is read off the checkpoints of each run."""
+def sweep_budgets(cfg: AttackConfig, kinds: Sequence[str]) -> dict[str, list[Budget]]:
+    """The attacker-budget grid of ``kinds``: learning-rate scales x LoRA ranks (rank only for
+    LoRA attacks); the steps axis is read off the checkpoints of each run."""
     grid = {}
-    for kind in cfg.sweep_attacks:
+    for kind in kinds:
         base = default_budget(kind, cfg)
         ranks = cfg.sweep_lora_ranks if kind in ("lora", "dreambooth_lora") else (cfg.lora_rank,)
         grid[kind] = [Budget(base.lr * scale, cfg.steps, rank) for scale in cfg.sweep_lr_scales for rank in ranks]

@@ -200,7 +200,7 @@ class AttackConfig:
     class_images: int = 32
     utility_samples: int = 32  # per non-target shape, for utility presence and Frechet distance
     lr: AttackLR = field(default_factory=AttackLR)
-    sweep_attacks: tuple[str, ...] = ("lora",)  # which attacks get the budget sweep
+    sweep_attacks: tuple[str, ...] = ("lora", "dreambooth_lora")  # which attacks get the budget sweep (those the threat runs)
     sweep_lr_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
     sweep_lora_ranks: tuple[int, ...] = (2, 4, 8)
     sweep_seeds: tuple[int, ...] = (0,)

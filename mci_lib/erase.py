@@ -51,12 +51,14 @@ def token_rows(pipe: StableDiffusionPipeline, prompts: Sequence[str], words: Seq
 
 def shape_erase_prompts(targets: Sequence[str], preserved: Sequence[str], colors: Sequence[str], guide_word: str = "shape") -> ErasePrompts:
     """Toy-world prompts: "a photo of a <color> <target>" guided to "a photo of a <color> <guide_word>",
-    and "a photo of a <color> <preserved>" kept, over every color."""
+    and "a photo of a <color> <preserved>" kept, over every color. An empty ``guide_word`` guides
+    to "a photo of a <color>": the concept's positions then map where the end-of-text and padding
+    tokens map (UCE's empty-prompt guide)."""
     erase, guide, ewords, preserve, pwords = [], [], [], [], []
     for t in targets:
         for c in colors:
             erase.append(f"a photo of a {c} {t}")
-            guide.append(f"a photo of a {c} {guide_word}")
+            guide.append(f"a photo of a {c} {guide_word}".rstrip())
             ewords.append(t)
     for s in preserved:
         for c in colors:

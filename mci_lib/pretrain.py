@@ -1,4 +1,4 @@
-"""Base-model pretraining on the toy world: the VAE, then the UNet (text encoder frozen).
+"""Base-model pretraining on the toy world: the VAE, then the UNet (and optionally the text encoder).
 
 Both loops follow the diffusers training examples: sample a batch, compute the loss, step the
 optimizer, with a tqdm bar. The UNet learns the epsilon-prediction loss of DESIGN section 6,
@@ -65,8 +65,8 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 2
 
 
 class PromptCache:
-    """Text-encoder outputs per distinct prompt: the text encoder is frozen during pretraining,
-    and the toy world has only a few hundred distinct captions."""
+    """Text-encoder outputs per distinct prompt, for pretraining with a frozen text encoder
+    (``pretrain.train_text_encoder: false``): the toy world has only a few hundred distinct captions."""
 
     def __init__(self, pipe: StableDiffusionPipeline):
         self.pipe = pipe

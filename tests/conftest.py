@@ -55,6 +55,14 @@ MICRO = {
     "immunize.batch_size": 2,
     "immunize.reg_captions": 4,
     "immunize.eval_batches": 1,
+    "attack.steps": 2,
+    "attack.checkpoints": [1, 2],
+    "attack.seeds": [0],
+    "attack.batch_size": 2,
+    "attack.class_images": 2,
+    "attack.utility_samples": 2,
+    "attack.sweep_lr_scales": [2.0],
+    "attack.sweep_lora_ranks": [2],
 }
 
 

@@ -81,3 +81,25 @@ def test_erase_and_immunize_notebooks_run_with_micro_parameters(pipeline_dir, cl
             assert 0 < len(delta) == m["changed_tensors"]
             assert all(".attn2." in k for k in delta)  # the default outer set: cross-attention
             assert m["steps"] == 2
+
+
+@pytest.mark.parametrize("threat,notebook", [("relearn", "03_relearning_attack.ipynb"), ("personalize", "04_personalization_attack.ipynb")])
+def test_attack_notebooks_run_with_micro_parameters(threat, notebook, pipeline_dir, clip_vocab):
+    """Needs the immunized models of the test above (same module, run in file order)."""
+    tmp_path = pipeline_dir
+    if not (tmp_path / "models" / "immunized" / threat).is_dir():
+        pytest.fail("the erase/immunize notebook test must run first")
+    _run(notebook, tmp_path, clip_vocab)
+    result = json.loads((tmp_path / "reports" / "metrics" / f"attack_{threat}.json").read_text())
+    kinds = {"relearn": ["full", "lora"], "personalize": ["dreambooth", "dreambooth_lora", "textual_inversion", "custom_diffusion"]}[threat]
+    assert sorted(result["default"]) == sorted(kinds)
+    for kind in kinds:
+        assert set(result["default"][kind]) == {"mima", "imma_joint", "imma_sequential"}
+    swept = {"relearn": "lora", "personalize": "dreambooth_lora"}[threat]
+    assert set(result["worst_case"]) == {swept} and set(result["worst_case"][swept]) == {"mima", "imma_joint", "imma_sequential"}
+    assert set(result["utility"]) == {"none", "mima", "imma_joint", "imma_sequential"}
+    lines = (tmp_path / "reports" / "plots" / f"attack_{threat}.csv").read_text().splitlines()
+    assert lines[0] == "attack,method,seed,step,concept,presence,sim"
+    # attacks x models x seeds x (step 0 + 2 checkpoints) x 2 concepts
+    assert len(lines) - 1 == len(kinds) * 4 * 1 * 3 * 2
+    assert (tmp_path / "reports" / "figures" / f"attack_{threat}" / "presence_vs_step.png").is_file()

@@ -1,0 +1,124 @@
+"""Each attack trains exactly what it claims, from the saved folder, and the attack metrics compute
+what DESIGN section 7 defines."""
+
+import math
+
+import pytest
+import torch
+
+from mci_lib import attacks, data, metrics, models
+from mci_lib.models import is_cross_attention_kv
+
+
+@pytest.fixture(scope="module")
+def saved_micro(tmp_path_factory, micro_params):
+    folder = tmp_path_factory.mktemp("released") / "model"
+    pipe = models.build_tiny_pipeline(micro_params.model, micro_params.paths.clip_vocab, micro_params.world.image_size, seed=0)
+    models.save_pipeline(pipe, folder)
+    return folder
+
+
+def _data(micro_world, micro_params, targets):
+    records = data.read_index(micro_world)
+    return attacks.toy_attack_data(micro_world, records, micro_params.world, targets)
+
+
+def _run(kind, folder, concepts, micro_params, steps=2, lr=1e-2):
+    states = []
+    cfg = micro_params.attack
+    budget = attacks.Budget(lr, steps, 2)
+    for step, pipe in attacks.attack(kind, folder, concepts, budget, cfg, micro_params.sampling, 0, [1, steps], progress=False):
+        states.append((step, {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}, pipe.text_encoder.get_input_embeddings().weight.detach().clone(), pipe))
+    return states
+
+
+def test_full_fine_tuning_changes_the_unet_and_not_the_released_folder(saved_micro, micro_world, micro_params):
+    before = (saved_micro / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    states = _run("full", saved_micro, _data(micro_world, micro_params, ["star"]), micro_params)
+    assert [s for s, *_ in states] == [0, 1, 2]
+    first, last = states[0][1], states[-1][1]
+    changed = [k for k in first if not torch.equal(first[k], last[k])]
+    assert any("conv_in" in k for k in changed) and any(is_cross_attention_kv(k) for k in changed)
+    assert (saved_micro / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+
+
+def test_lora_trains_only_adapter_weights(saved_micro, micro_world, micro_params):
+    states = _run("lora", saved_micro, _data(micro_world, micro_params, ["star"]), micro_params)
+    last = states[-1][1]
+    lora = [k for k in last if "lora_" in k]
+    assert lora, "no LoRA weights in the attacked UNet"
+    pipe = models.load_pipeline(saved_micro)
+    base = pipe.unet.state_dict()
+    for k, v in last.items():
+        if "lora_" not in k:
+            assert torch.equal(v, base[k.replace(".base_layer", "")]), k
+    assert any(not torch.equal(states[1][1][k], last[k]) for k in lora)
+
+
+def test_textual_inversion_changes_only_the_new_token(saved_micro, micro_world, micro_params):
+    states = _run("textual_inversion", saved_micro, _data(micro_world, micro_params, ["p1"]), micro_params, lr=0.1)
+    pipe = states[-1][3]
+    token_id = pipe.tokenizer.convert_tokens_to_ids("<p1>")
+    start, end = states[0][2], states[-1][2]
+    moved = (start - end).abs().sum(1).nonzero().flatten().tolist()
+    assert moved == [token_id]
+    assert all(torch.equal(states[0][1][k], states[-1][1][k]) for k in states[0][1])
+
+
+def test_custom_diffusion_changes_kv_and_the_token(saved_micro, micro_world, micro_params):
+    states = _run("custom_diffusion", saved_micro, _data(micro_world, micro_params, ["p1"]), micro_params)
+    first, last = states[0][1], states[-1][1]
+    changed = {k for k in first if not torch.equal(first[k], last[k])}
+    assert changed and all(is_cross_attention_kv(k) for k in changed)
+    token_id = states[-1][3].tokenizer.convert_tokens_to_ids("<p1>")
+    assert (states[0][2] - states[-1][2]).abs().sum(1).nonzero().flatten().tolist() == [token_id]
+
+
+@pytest.mark.parametrize("kind", ["dreambooth", "dreambooth_lora"])
+def test_dreambooth_variants_run_with_prior_preservation(kind, saved_micro, micro_world, micro_params):
+    states = _run(kind, saved_micro, _data(micro_world, micro_params, ["p1"]), micro_params)
+    assert [s for s, *_ in states] == [0, 1, 2]
+    first, last = states[0][1], states[-1][1]
+    assert any(not torch.equal(first[k], last[k]) for k in first if k in last)
+
+
+def test_attack_refuses_an_unknown_kind_and_missing_class_prompt(saved_micro, micro_world, micro_params):
+    with pytest.raises(ValueError, match="unknown attack"):
+        next(attacks.attack("finetune", saved_micro, [], attacks.Budget(1e-3, 1), micro_params.attack, micro_params.sampling, 0, [1]))
+    shapes = _data(micro_world, micro_params, ["star"])
+    with pytest.raises(ValueError, match="class_prompt"):
+        next(attacks.attack("dreambooth", saved_micro, shapes, attacks.Budget(1e-3, 1), micro_params.attack, micro_params.sampling, 0, [1]))
+
+
+def test_sgr_msgr_and_steps_to_relearn():
+    assert metrics.sgr(0.8, 0.2) == pytest.approx(75.0)
+    assert metrics.sgr(0.5, 0.75) == pytest.approx(-50.0)
+    assert metrics.sgr(0.0, 0.0) == 0.0 and math.isnan(metrics.sgr(0.0, 0.3))
+    assert metrics.msgr([0.8, 0.4, 0.0], [0.2, 0.4, 0.5]) == pytest.approx(37.5)  # the nan pair is skipped
+    assert metrics.steps_to_relearn([50, 100, 150], [0.1, 0.6, 0.9], 1.0, 200) == 100
+    assert metrics.steps_to_relearn([50, 100], [0.1, 0.2], 1.0, 200) == 200
+    assert metrics.rsgr(60.0, 10.0) == 50.0
+
+
+def test_frechet_distance_of_shifted_gaussians():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, generator=g)
+    b = torch.randn(4000, 3, generator=g)
+    assert metrics.frechet_distance(a, b) == pytest.approx(0.0, abs=0.02)
+    shift = torch.tensor([2.0, 0.0, 0.0])
+    assert metrics.frechet_distance(a, b + shift) == pytest.approx(4.0, abs=0.1)
+    # a scaled copy: |mu|^2 = 0, tr(S + 4S - 2*2S) = tr(S) = 3
+    assert metrics.frechet_distance(a, 2 * b) == pytest.approx(3.0, abs=0.15)
+
+
+def test_attack_summary_pairs_runs_by_seed_step_and_concept():
+    rows = []
+    for method, pres in (("none", {50: 0.6, 100: 1.0}), ("mima", {50: 0.0, 100: 0.5})):
+        for seed in (0, 1):
+            for step, value in ((0, 0.0), *pres.items()):
+                rows.append({"attack": "full", "method": method, "seed": seed, "step": step, "concept": "star", "presence": value, "sim": 0.5})
+    s = metrics.attack_summary(rows, {"star": 1.0}, budget=100)["full"]["mima"]
+    assert s["msgr_presence"] == pytest.approx((100.0 + 50.0) / 2)
+    assert s["msgr_sim"] == pytest.approx(0.0)
+    assert s["steps_to_relearn"]["star"] == {"without": 50.0, "with": 100.0, "ratio": 2.0}
+    assert s["final_presence"] == 0.5 and s["final_presence_without"] == 1.0

@@ -147,6 +147,8 @@ class ImmunizeConfig:
     outer_params: str = "cross_attn"  # kv | cross_attn | unet
     outer_lr: float = 1e-4
     prior_weight: float = 1.0
+    utility: str = "denoise"  # denoise | distill: the outer objective's utility term
+    utility_weight: Optional[float] = None  # its weight; null: prior_weight (DESIGN's lambda_pr in both places)
     merge: str = "hard"  # hard | soft
     merge_delta: float = 1e-3
     merge_lam: float = 100.0
@@ -160,6 +162,7 @@ class ImmunizeConfig:
             "inner_params": ("kv", "cross_attn", "unet"),
             "outer_params": ("kv", "cross_attn", "unet"),
             "merge": ("hard", "soft"),
+            "utility": ("denoise", "distill"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -75,18 +75,27 @@ def diffusion_loss_at(unet: torch.nn.Module, params: Params, batch: Batch, alpha
     return diffusion_losses_at(unet, params, [batch], alphas_cumprod)[0]
 
 
-def diffusion_losses_at(unet: torch.nn.Module, params: Params, batches: Sequence[Batch], alphas_cumprod: torch.Tensor) -> list[torch.Tensor]:
-    """``[L(theta; b) for b in batches]`` from one UNet call on the concatenated batches: the
-    same numbers as separate calls (every UNet layer is per-sample), a fraction of the
-    per-call overhead at the small batches immunization uses."""
+def predictions_at(unet: torch.nn.Module, params: Params, batches: Sequence[Batch], alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's noise predictions at ``params`` on the concatenated ``batches`` (one call: every
+    UNet layer is per-sample, so this equals separate calls at a fraction of the per-call overhead
+    of the small batches immunization uses), and the true noise."""
     latents = torch.cat([b.latents for b in batches])
     noise = torch.cat([b.noise for b in batches])
     t = torch.cat([b.t for b in batches])
     abar = alphas_cumprod.to(latents.dtype)[t].view(-1, 1, 1, 1)
     noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
-    pred = functional_call(unet, params, (noisy, t, torch.cat([b.text for b in batches]))).sample
-    per_sample = F.mse_loss(pred, noise, reduction="none").flatten(1).mean(1)
-    return [part.mean() for part in per_sample.split([b.latents.shape[0] for b in batches])]
+    return functional_call(unet, params, (noisy, t, torch.cat([b.text for b in batches]))).sample, noise
+
+
+def _per_batch_mse(a: torch.Tensor, b: torch.Tensor, batches: Sequence[Batch]) -> list[torch.Tensor]:
+    per_sample = F.mse_loss(a, b, reduction="none").flatten(1).mean(1)
+    return [part.mean() for part in per_sample.split([x.latents.shape[0] for x in batches])]
+
+
+def diffusion_losses_at(unet: torch.nn.Module, params: Params, batches: Sequence[Batch], alphas_cumprod: torch.Tensor) -> list[torch.Tensor]:
+    """``[L(theta; b) for b in batches]`` from one UNet call on the concatenated batches."""
+    pred, noise = predictions_at(unet, params, batches, alphas_cumprod)
+    return _per_batch_mse(pred, noise, batches)
 
 
 def parameter_names(unet: torch.nn.Module, which: str) -> list[str]:
@@ -205,14 +214,30 @@ def outer_objective(
     cfg: ImmunizeConfig,
     ctx: MergeContext | None,
     create_graph: bool,
+    teacher: Params | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """MIMA's outer loss ``-sum_n L(theta_m; D_n) + prior_weight * sum_n L(theta; P_n)`` and its parts."""
+    """MIMA's outer loss ``-sum_n L(theta_m; D_n) + w * sum_n U_n(theta)`` and its parts, with
+    ``w = cfg.utility_weight`` (``cfg.prior_weight`` when unset, as in DESIGN section 6).
+
+    ``U_n`` is the denoising loss ``L(theta; P_n)`` (``cfg.utility == "denoise"``, DESIGN
+    section 6) or, with ``cfg.utility == "distill"`` and the starting weights given as
+    ``teacher``, the squared distance between the UNet's predictions on ``P_n`` at theta and at
+    the starting weights (which keeps what the model does with retained prompts, not only how
+    well it denoises). The reported ``utility_loss`` is always the denoising loss."""
     params = {**frozen, **theta}
     adapted = [simulate_attacker(unet, params, inner_names, b, alphas_cumprod, cfg, create_graph) for b in batches.inner]
     merged, residual = merge_adapted(params, adapted, ctx)
     concept = sum(diffusion_losses_at(unet, {**params, **merged}, [d for d, _ in batches.outer], alphas_cumprod))
-    utility = sum(diffusion_losses_at(unet, params, [p for _, p in batches.outer], alphas_cumprod))
-    loss = -concept + cfg.prior_weight * utility
+    priors = [p for _, p in batches.outer]
+    pred, noise = predictions_at(unet, params, priors, alphas_cumprod)
+    utility = sum(_per_batch_mse(pred, noise, priors))
+    weight = cfg.prior_weight if cfg.utility_weight is None else cfg.utility_weight
+    if cfg.utility == "distill" and teacher is not None:
+        with torch.no_grad():
+            target, _ = predictions_at(unet, {**params, **teacher}, priors, alphas_cumprod)
+        loss = -concept + weight * sum(_per_batch_mse(pred, target, priors))
+    else:
+        loss = -concept + weight * utility
     n = len(batches.outer)
     return loss, {"concept_loss": concept.item() / n, "utility_loss": utility.item() / n, "merge_residual": residual}
 
@@ -280,6 +305,7 @@ def run_mima(
     inner_names = parameter_names(unet, cfg.inner_params)
     start = theta if theta is not None else {n: p for n, p in unet.named_parameters() if n in outer_names}
     theta = {n: start[n].detach().clone().requires_grad_(True) for n in outer_names}
+    teacher = {n: v.detach().clone() for n, v in theta.items()} if cfg.utility == "distill" else None
     frozen = {n: p.detach() for n, p in unet.named_parameters() if n not in theta}
     frozen.update({n: b for n, b in unet.named_buffers()})
     opt = torch.optim.AdamW(list(theta.values()), lr=cfg.outer_lr, weight_decay=0.0)
@@ -309,7 +335,7 @@ def run_mima(
         else:
             # 2. the outer objective through the attacker and the merge
             with double_backward_attention() if second else contextlib.nullcontext():
-                loss, info = outer_objective(unet, theta, frozen, inner_names, batches, alphas_cumprod, cfg, ctx, create_graph=second)
+                loss, info = outer_objective(unet, theta, frozen, inner_names, batches, alphas_cumprod, cfg, ctx, create_graph=second, teacher=teacher)
         # 3. the outer optimizer step
         opt.zero_grad(set_to_none=True)
         with double_backward_attention() if second else contextlib.nullcontext():

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .config import ImmunizeConfig
 from .data import PERSONAL_SUBJECTS, caption_for, load_images, select
 from .erase import token_rows
-from .merge import MergeFactor, hard_merge, merge_residual, soft_merge
+from .merge import HardMergePlan, MergeFactor, hard_merge, merge_residual, soft_merge
 from .models import encode_prompts, is_cross_attention_kv as is_kv
 
 Params = dict[str, torch.Tensor]
@@ -168,14 +168,19 @@ class MergeContext:
     kind: str = "hard"
     lam: float = 100.0
 
+    def __post_init__(self):
+        # everything that depends on the fixed targets alone, once per run, in float64
+        self.factor64 = self.factor.to(torch.float64)
+        self.targets64 = [t.double() for t in self.targets]
+        self.plan = HardMergePlan.build(self.targets64, self.factor64) if self.kind == "hard" else None
+
     def merge_tensor(self, W: torch.Tensor, adapted: Sequence[torch.Tensor]) -> torch.Tensor:
         """Merge in float64 (the solves are ill-conditioned in float32), differentiably cast back."""
         W64, A64 = W.double(), [a.double() for a in adapted]
-        targets = [t.double() for t in self.targets]
         if self.kind == "hard":
-            merged = hard_merge(W64, A64, targets, self.factor.to(torch.float64))
+            merged = hard_merge(W64, A64, self.targets64, self.factor64, plan=self.plan)
         else:
-            merged = soft_merge(W64, A64, targets, self.factor.to(torch.float64), self.lam)
+            merged = soft_merge(W64, A64, self.targets64, self.factor64, self.lam)
         return merged.to(W.dtype)
 
 
@@ -190,7 +195,7 @@ def merge_adapted(params: Params, adapted: Sequence[Params], ctx: MergeContext |
         tensors = [a[name] for a in adapted]
         if is_kv(name) and ctx is not None:
             merged[name] = ctx.merge_tensor(params[name], tensors)
-            residuals.append(merge_residual(merged[name].double(), [t.double() for t in tensors], [t.double() for t in ctx.targets]))
+            residuals.append(merge_residual(merged[name].double(), [t.double() for t in tensors], ctx.targets64))
         else:
             merged[name] = torch.stack(tensors).mean(0)
     return merged, float(np.mean(residuals)) if residuals else 0.0

@@ -85,17 +85,38 @@ def stack_targets(W_adapted: Sequence[torch.Tensor], C_targets: Sequence[torch.T
     return C, VT
 
 
-def hard_merge(W: torch.Tensor, W_adapted: Sequence[torch.Tensor], C_targets: Sequence[torch.Tensor], factor: MergeFactor, rtol: float = 1e-4) -> torch.Tensor:
-    """The hard-constraint merge ``W' = W + (V^T - W C^T)(C M^-1 C^T)^-1 C M^-1``."""
-    C, VT = stack_targets(W_adapted, C_targets)
-    keep = independent_rows(C, rtol)
-    C, VT = C[keep], VT[:, keep]
-    A = factor.solve(C.T)  # M^-1 C^T, (d, T)
-    S = C @ A  # C M^-1 C^T, (T, T), symmetric positive definite
-    S = 0.5 * (S + S.T)
-    R = VT - W @ C.T  # (d_out, T)
-    X = torch.cholesky_solve(R.T, torch.linalg.cholesky(S)).T  # R S^-1
-    return W + X @ A.T
+@dataclass(frozen=True)
+class HardMergePlan:
+    """What the hard merge needs of the target rows alone: the independent rows kept, ``C``,
+    ``A = M^-1 C^T`` and the Cholesky factor of ``S = C M^-1 C^T``. Immunization's targets are
+    fixed, so the plan is built once per run and each merge is then two small products and a solve."""
+
+    keep: torch.Tensor
+    C: torch.Tensor  # (T, d), kept rows
+    A: torch.Tensor  # (d, T)
+    S_factor: torch.Tensor  # (T, T)
+
+    @classmethod
+    def build(cls, C_targets: Sequence[torch.Tensor], factor: MergeFactor, rtol: float = 1e-4) -> "HardMergePlan":
+        C = torch.cat([c.reshape(-1, c.shape[-1]) for c in C_targets])
+        keep = independent_rows(C, rtol)
+        C = C[keep]
+        A = factor.solve(C.T)  # M^-1 C^T
+        S = C @ A  # symmetric positive definite
+        return cls(keep, C, A, torch.linalg.cholesky(0.5 * (S + S.T)))
+
+
+def hard_merge(
+    W: torch.Tensor, W_adapted: Sequence[torch.Tensor], C_targets: Sequence[torch.Tensor], factor: MergeFactor, rtol: float = 1e-4, plan: HardMergePlan | None = None
+) -> torch.Tensor:
+    """The hard-constraint merge ``W' = W + (V^T - W C^T)(C M^-1 C^T)^-1 C M^-1``. Without a
+    ``plan`` it is built here, so the result is differentiable in the embeddings too; with one
+    (fixed targets) only ``W`` and the ``W_n`` carry gradients."""
+    plan = plan or HardMergePlan.build(C_targets, factor, rtol)
+    _, VT = stack_targets(W_adapted, C_targets)
+    R = VT[:, plan.keep] - W @ plan.C.T  # (d_out, T)
+    X = torch.cholesky_solve(R.T, plan.S_factor).T  # R S^-1
+    return W + X @ plan.A.T
 
 
 def soft_merge(W: torch.Tensor, W_adapted: Sequence[torch.Tensor], C_targets: Sequence[torch.Tensor], factor: MergeFactor, lam_m: float) -> torch.Tensor:

@@ -27,15 +27,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
 from .config import ATTACKS, AttackConfig
 from .data import PERSONAL_SUBJECTS, load_images, select
-from .models import add_placeholder_tokens, is_cross_attention_kv, load_pipeline
-from .pretrain import encode_latents
+from .models import add_placeholder_tokens, is_cross_attention_kv, load_pipeline, text_states
+from .pretrain import diffusion_loss, encode_latents
 from .sampling import sample_images
 
 PRIOR_ATTACKS = ("dreambooth", "dreambooth_lora", "custom_diffusion")
@@ -83,7 +82,7 @@ def check_kind(kind: str) -> None:
         raise ValueError(f"unknown attack {kind!r}; known: {', '.join(ATTACKS)}")
 
 
-def _trainable(pipe: StableDiffusionPipeline, kind: str, budget: Budget, token_ids: list[int]) -> list[torch.nn.Parameter]:
+def _trainable(pipe: StableDiffusionPipeline, kind: str, budget: Budget) -> list[torch.nn.Parameter]:
     """Switch on gradients for exactly what ``kind`` trains and return those parameters."""
     unet, text_encoder = pipe.unet, pipe.text_encoder
     unet.requires_grad_(False)
@@ -117,20 +116,6 @@ def _class_images(pipe: StableDiffusionPipeline, concepts: Sequence[AttackData],
         images = sample_images(pipe, [c.class_prompt] * len(seeds), seeds, sampling.num_inference_steps, sampling.guidance_scale, sampling.batch_size)
         out.append((images, [c.class_prompt] * len(seeds)))
     return out
-
-
-def _text(pipe: StableDiffusionPipeline, captions: Sequence[str]) -> torch.Tensor:
-    tok = pipe.tokenizer(list(captions), padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
-    return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]
-
-
-def _loss(pipe: StableDiffusionPipeline, ddpm: DDPMScheduler, latents: torch.Tensor, captions: Sequence[str], gen: torch.Generator) -> torch.Tensor:
-    """The epsilon-prediction loss of DESIGN section 6 on one batch (text encoded with gradient, so
-    token-embedding attacks train through it)."""
-    noise = torch.randn(latents.shape, generator=gen)
-    t = torch.randint(0, ddpm.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-    pred = pipe.unet(ddpm.add_noise(latents, noise, t), t, _text(pipe, captions)).sample
-    return F.mse_loss(pred, noise)
 
 
 def attack(
@@ -172,7 +157,7 @@ def attack(
     prior_latents = [(encode_latents(pipe.vae, im), caps) for im, caps in prior]
     yield 0, pipe
     # 4. the trainable set and its optimizer
-    params = _trainable(pipe, kind, budget, token_ids)
+    params = _trainable(pipe, kind, budget)
     embedding = pipe.text_encoder.get_input_embeddings().weight
     frozen_rows = embedding.detach().clone() if kind in TOKEN_ATTACKS else None
     keep = torch.ones(embedding.shape[0], dtype=torch.bool)
@@ -188,12 +173,12 @@ def attack(
         pick = rng.choice(n_total, size=min(cfg.batch_size, n_total), replace=False)
         lat = torch.stack([instance_latents[owners[i]][rows[i]] for i in pick])
         caps = [concepts[owners[i]].captions[rows[i]] for i in pick]
-        loss = _loss(pipe, ddpm, lat, caps, gen)
+        loss = diffusion_loss(pipe.unet, ddpm, lat, text_states(pipe, caps), gen)
         if prior_latents:
             k = rng.integers(len(prior_latents))
             plat, pcaps = prior_latents[k]
             j = rng.choice(plat.shape[0], size=min(cfg.batch_size, plat.shape[0]), replace=False)
-            loss = loss + cfg.prior_weight * _loss(pipe, ddpm, plat[j], [pcaps[i] for i in j], gen)
+            loss = loss + cfg.prior_weight * diffusion_loss(pipe.unet, ddpm, plat[j], text_states(pipe, [pcaps[i] for i in j]), gen)
         # 6. the optimizer step; token attacks keep every embedding row but the new tokens'
         opt.zero_grad(set_to_none=True)
         loss.backward()

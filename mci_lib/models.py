@@ -208,11 +208,17 @@ def add_placeholder_tokens(pipe: StableDiffusionPipeline, tokens: list[str], ini
     return ids
 
 
+def text_states(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
+    """Text-encoder hidden states (B, max_length, d) for ``prompts``, padded to max length as SD
+    does, with gradient (for training the text encoder or a token embedding)."""
+    tok = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+    return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]
+
+
 @torch.no_grad()
 def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
-    """Text-encoder hidden states (B, max_length, d) for ``prompts``, padded to max length as SD does."""
-    tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
-    return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]
+    """:func:`text_states` without gradient."""
+    return text_states(pipe, prompts)
 
 
 def is_cross_attention_kv(name: str) -> bool:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import PretrainConfig
 from .data import ToyRecord, caption_for, to_model_range
-from .models import encode_prompts
+from .models import encode_prompts, text_states
 
 
 def train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg: PretrainConfig, seed: int, progress: bool = True) -> list[float]:
@@ -143,8 +143,7 @@ def train_unet(
         if prompts is not None:
             text = prompts(caps)
         else:
-            tok = pipe.tokenizer(caps, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
-            text = text_encoder(tok.input_ids)[0]
+            text = text_states(pipe, caps)
         # 2. the epsilon-prediction loss
         loss = diffusion_loss(unet, ddpm, latents[idx], text, gen, cfg.loss_weighting)
         # 3. optimizer, schedule and EMA

@@ -122,3 +122,41 @@ def test_attack_summary_pairs_runs_by_seed_step_and_concept():
     assert s["msgr_sim"] == pytest.approx(0.0)
     assert s["steps_to_relearn"]["star"] == {"without": 50.0, "with": 100.0, "ratio": 2.0}
     assert s["final_presence"] == 0.5 and s["final_presence_without"] == 1.0
+
+
+def test_msgr_verdict_reads_the_spread_across_seeds():
+    assert metrics.msgr_verdict([40.0, 60.0]) == "slower"
+    assert metrics.msgr_verdict([-30.0, -50.0]) == "faster"
+    assert metrics.msgr_verdict([5.0, 60.0]) == "no difference"  # mean 32.5 < std 38.9
+    assert metrics.msgr_verdict([-10.0, 30.0]) == "no difference"
+    assert metrics.msgr_verdict([70.0]) == "one seed"
+
+
+def test_attack_summary_reports_each_seed_and_the_verdict():
+    rows = []
+    for method, by_seed in (("none", {0: 1.0, 1: 1.0}), ("mima", {0: 0.5, 1: 0.0})):
+        for seed, value in by_seed.items():
+            rows.append({"attack": "lora", "method": method, "seed": seed, "step": 10, "concept": "star", "presence": value, "sim": 0.5})
+    s = metrics.attack_summary(rows, {"star": 1.0}, budget=10)["lora"]["mima"]
+    assert s["msgr_presence_per_seed"] == {0: 50.0, 1: 100.0}
+    assert s["msgr_presence_std"] == pytest.approx(35.355, abs=1e-3)
+    assert s["verdict"] == "slower"
+
+
+def test_attack_report_keys_and_the_real_attack_check():
+    rows = []
+    for method, final in (("none", {"star": 0.9, "heart": 0.5}), ("mima", {"star": 0.45, "heart": 0.5})):
+        for seed in (0, 1):
+            for concept, value in final.items():
+                rows.append({"attack": "full", "method": method, "seed": seed, "step": 100, "concept": concept, "presence": value, "sim": 0.5})
+    bar = {"star": 1.0, "heart": 1.0}
+    summary = metrics.attack_summary(rows, bar, budget=100)
+    utility = {"none": {"presence_mean": 0.9, "frechet": 0.0}, "mima": {"presence_mean": 0.8, "frechet": 1.5}}
+    r = metrics.attack_report(rows, summary, {}, utility, {"star": 0.7, "heart": 0.7})
+    assert r["msgr"]["full"]["mima"] == pytest.approx(25.0)  # star 50, heart 0
+    assert r["worst_case_msgr"]["full"]["mima"] == pytest.approx(25.0)  # not swept: the default point
+    assert r["utility_presence"] == {"none": 0.9, "mima": 0.8}
+    assert r["no_immunization_final_presence"]["full"] == pytest.approx(0.7)
+    assert r["no_immunization_final_presence_per_concept"]["full"] == {"heart": 0.5, "star": 0.9}
+    assert r["attack_is_real"] == {"full": False}  # heart stays at 0.5 < 0.7
+    assert r["steps_to_relearn_ratio"]["full"]["mima"] == pytest.approx(1.0)

@@ -7,6 +7,7 @@ import papermill as pm
 import pytest
 
 from conftest import MICRO, ROOT
+from mci_lib.config import load_params
 
 pytestmark = pytest.mark.slow
 
@@ -91,13 +92,18 @@ def test_attack_notebooks_run_with_micro_parameters(threat, notebook, pipeline_d
         pytest.fail("the erase/immunize notebook test must run first")
     _run(notebook, tmp_path, clip_vocab)
     result = json.loads((tmp_path / "reports" / "metrics" / f"attack_{threat}.json").read_text())
-    kinds = {"relearn": ["full", "lora"], "personalize": ["dreambooth", "dreambooth_lora", "textual_inversion", "custom_diffusion"]}[threat]
-    assert sorted(result["default"]) == sorted(kinds)
-    for kind in kinds:
-        assert set(result["default"][kind]) == {"mima", "imma_joint", "imma_sequential"}
-    swept = {"relearn": "lora", "personalize": "dreambooth_lora"}[threat]
-    assert set(result["worst_case"]) == {swept} and set(result["worst_case"][swept]) == {"mima", "imma_joint", "imma_sequential"}
-    assert set(result["utility"]) == {"none", "mima", "imma_joint", "imma_sequential"}
+    p = load_params(ROOT / "params.yaml", None, _overrides(tmp_path, ROOT))
+    kinds = list(getattr(p.attack, threat))
+    methods = set(p.immunize.methods)
+    for key in ("msgr", "msgr_sim", "worst_case_msgr", "steps_to_relearn_ratio", "verdict"):
+        assert sorted(result[key]) == sorted(kinds), key
+        for kind in kinds:
+            assert set(result[key][kind]) == methods, (key, kind)
+    swept = [k for k in p.attack.sweep_attacks if k in kinds]
+    assert sorted(result["worst_case"]) == sorted(swept)
+    assert set(result["utility_presence"]) == {"none"} | methods
+    assert sorted(result["no_immunization_final_presence"]) == sorted(kinds)
+    assert sorted(result["attack_is_real"]) == sorted(kinds)
     lines = (tmp_path / "reports" / "plots" / f"attack_{threat}.csv").read_text().splitlines()
     assert lines[0] == "attack,method,seed,step,concept,presence,sim"
     # attacks x models x seeds x (step 0 + 2 checkpoints) x 2 concepts

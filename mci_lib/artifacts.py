@@ -23,11 +23,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+def _writable_parent(target: Path) -> None:
+    """Create ``target``'s folder, or fail at once naming it when it cannot be written."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PermissionError(f"{target}: cannot create the output folder {target.parent} ({err.strerror}). Choose a writable output path.") from err
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{target}: the output folder {target.parent} is not writable. Choose a writable output path.")
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it replaces ``target``."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _writable_parent(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
@@ -43,7 +53,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
 def atomic_file(target: str | Path, mode: str = "w") -> Iterator[Any]:
     """Open a temporary file beside ``target``; on success it is renamed to ``target``."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _writable_parent(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     try:
         with os.fdopen(fd, mode) as fh:
@@ -75,7 +85,7 @@ def read_json(path: str | Path) -> Any:
 def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     """Save tensors as safetensors (atomically)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _writable_parent(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent, suffix=".safetensors")
     os.close(fd)
     try:
@@ -173,3 +183,59 @@ def read_csv(path: str | Path) -> dict[str, list[float]]:
     if not rows:
         raise ValueError(f"{path}: no rows")
     return {k: [float(r[k]) for r in rows] for k in rows[0]}
+
+
+def save_training_state(folder: str | Path, step: int, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                        generators: dict[str, torch.Generator], extra: dict | None = None) -> Path:
+    """A resumable checkpoint (DESIGN section 8): the trained tensors, the optimizer's state, the
+    RNG states of ``generators`` and of torch, and the ``step`` just completed, as
+    ``state.safetensors`` plus ``state.json``; written to a temporary folder and renamed, so a
+    kill at any moment leaves the previous checkpoint whole."""
+    opt = optimizer.state_dict()
+    flat = {f"param.{n}": v for n, v in tensors.items()}
+    for idx, state in opt["state"].items():
+        for key, value in state.items():
+            flat[f"opt.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    for name, g in generators.items():
+        flat[f"rng.{name}"] = g.get_state()
+    flat["rng.torch"] = torch.get_rng_state()
+    meta = {"step": step, "param_groups": opt["param_groups"], "generators": sorted(generators), "extra": extra or {}}
+    with atomic_dir(folder) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in flat.items()}, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return Path(folder)
+
+
+def load_training_state(folder: str | Path, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                        generators: dict[str, torch.Generator]) -> tuple[int, dict]:
+    """Restore a checkpoint of :func:`save_training_state` in place: copy the trained tensors into
+    ``tensors``, load the optimizer state and every RNG state. Returns ``(step, extra)``. A
+    checkpoint that does not match (other tensors, other shapes, other generators) is an error
+    naming the file."""
+    folder = Path(folder)
+    path = folder / "state.safetensors"
+    meta = read_json(folder / "state.json")
+    flat = load_weights(path)
+    names = {k[len("param."):] for k in flat if k.startswith("param.")}
+    if names != set(tensors):
+        missing, unknown = sorted(set(tensors) - names), sorted(names - set(tensors))
+        raise ValueError(f"{path}: checkpoint tensors do not match this run (missing {missing[:3]}, unexpected {unknown[:3]}); "
+                         "delete the checkpoint folder to start afresh or run with the params that wrote it")
+    if sorted(generators) != meta["generators"]:
+        raise ValueError(f"{path}: checkpoint RNGs {meta['generators']} do not match this run's {sorted(generators)}")
+    with torch.no_grad():
+        for n, v in tensors.items():
+            saved = flat[f"param.{n}"]
+            if saved.shape != v.shape:
+                raise ValueError(f"{path}: tensor {n!r} has shape {tuple(saved.shape)}, this run's is {tuple(v.shape)}")
+            v.copy_(saved)
+    state: dict = {}
+    for key, value in flat.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    for name, g in generators.items():
+        g.set_state(flat[f"rng.{name}"])
+    torch.set_rng_state(flat["rng.torch"])
+    return int(meta["step"]), meta["extra"]

@@ -149,11 +149,17 @@ class ImmunizeConfig:
     prior_weight: float = 1.0
     utility: str = "denoise"  # denoise | distill: the outer objective's utility term
     utility_weight: Optional[float] = None  # its weight; null: prior_weight (DESIGN's lambda_pr in both places)
+    # the outer concept term: neg (-L at the merged attacker, unbounded), cap (-min(L, objective_cap)),
+    # gap (-(L at the merged attacker - L at theta): the attacker's step must not help)
+    objective: str = "neg"
+    objective_cap: float = 1.0
     merge: str = "hard"  # hard | soft
     merge_delta: float = 1e-3
     merge_lam: float = 100.0
     reg_captions: int = 100
     eval_batches: int = 4
+    checkpoint_every: int = 0  # write a resumable checkpoint every k outer steps (0: never)
+    resume: bool = False  # continue from the last checkpoint in the run's checkpoint folder
 
     def __post_init__(self):
         choices = {
@@ -163,6 +169,7 @@ class ImmunizeConfig:
             "outer_params": ("kv", "cross_attn", "unet"),
             "merge": ("hard", "soft"),
             "utility": ("denoise", "distill"),
+            "objective": ("neg", "cap", "gap"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

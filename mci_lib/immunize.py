@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from .artifacts import load_training_state, save_training_state
 from .config import ImmunizeConfig
 from .data import PERSONAL_SUBJECTS, caption_for, load_images, select
 from .erase import token_rows
@@ -209,6 +211,69 @@ class StepBatches:
     outer: list[tuple[Batch, Batch]]
 
 
+class ConceptShards:
+    """Concept parallelism (DESIGN section 8): process ``rank`` of ``world`` runs the simulated
+    attackers of the concepts ``n`` with ``n % world == rank`` and the outer loss terms of those
+    concepts. Every process receives every adapted tensor (broadcast from its owner), computes
+    the same merge and its share of the outer loss; :meth:`backward` then sends each process's
+    gradient with respect to the adapted tensors it does not own back to their owner, which
+    carries it through its own attackers, and sums the outer gradients across processes. Every
+    collective runs outside autograd, in the same order on every process. Built from an
+    ``accelerate.Accelerator``."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+        self._pending: tuple | None = None
+
+    @classmethod
+    def from_accelerator(cls, accelerator) -> "ConceptShards | None":
+        return cls(accelerator.process_index, accelerator.num_processes) if accelerator is not None and accelerator.num_processes > 1 else None
+
+    def owns(self, n: int) -> bool:
+        return n % self.world == self.rank
+
+    def exchange(self, own: dict[int, Params], n_concepts: int, like: Params) -> list[Params]:
+        """Every concept's adapted tensors: this process's own (with their graph) and the others'
+        as leaves that collect the gradient to send back."""
+        names = list(next(iter(own.values()))) if own else list(like)
+        adapted = []
+        for n in range(n_concepts):
+            tensors = {}
+            for k in names:
+                value = own[n][k].detach().clone() if n in own else torch.empty_like(like[k])
+                torch.distributed.broadcast(value, src=n % self.world)
+                tensors[k] = own[n][k] if n in own else value.requires_grad_(True)
+            adapted.append(tensors)
+        self._pending = (own, adapted)
+        return adapted
+
+    def backward(self, loss: torch.Tensor, theta: Params) -> None:
+        """Backward of this process's loss share, the adapted tensors' gradients returned to their
+        owners and through the owners' attackers, then the sum of theta's gradients."""
+        own, adapted = self._pending
+        self._pending = None
+        loss.backward(retain_graph=True)
+        outputs, grads = [], []
+        for n, tensors in enumerate(adapted):
+            for k, value in tensors.items():
+                buf = torch.zeros_like(value) if n in own or value.grad is None else value.grad.clone()
+                torch.distributed.all_reduce(buf)
+                if n in own and value.requires_grad:
+                    outputs.append(value)
+                    grads.append(buf)
+        if outputs:
+            torch.autograd.backward(outputs, grads)
+        for v in theta.values():
+            if v.grad is None:
+                v.grad = torch.zeros_like(v)
+            torch.distributed.all_reduce(v.grad)
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place sum across processes (no graph), for the logged values."""
+        torch.distributed.all_reduce(tensor)
+        return tensor
+
+
 def outer_objective(
     unet: torch.nn.Module,
     theta: Params,
@@ -220,9 +285,19 @@ def outer_objective(
     ctx: MergeContext | None,
     create_graph: bool,
     teacher: Params | None = None,
+    shards: ConceptShards | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """MIMA's outer loss ``-sum_n L(theta_m; D_n) + w * sum_n U_n(theta)`` and its parts, with
+    """MIMA's outer loss ``-sum_n A_n + w * sum_n U_n(theta)`` and its parts, with
     ``w = cfg.utility_weight`` (``cfg.prior_weight`` when unset, as in DESIGN section 6).
+
+    ``A_n`` is the concept term: ``L(theta_m; D_n)`` at the merged attacker (``cfg.objective ==
+    "neg"``, DESIGN section 6), that loss capped at ``cfg.objective_cap`` (``cap``: once the
+    attacker's loss is high enough the step spends itself on utility), or the gap
+    ``L(theta_m; D_n) - L(theta; D_n)`` (``gap``: the attacker's own step must make the concept
+    worse, not only start it from a bad point).
+
+    With ``shards``, this process computes the attackers and loss terms of its own concepts only
+    (see :class:`ConceptShards`); the returned loss is its share, the reported parts are totals.
 
     ``U_n`` is the denoising loss ``L(theta; P_n)`` (``cfg.utility == "denoise"``, DESIGN
     section 6) or, with ``cfg.utility == "distill"`` and the starting weights given as
@@ -230,21 +305,41 @@ def outer_objective(
     the starting weights (which keeps what the model does with retained prompts, not only how
     well it denoises). The reported ``utility_loss`` is always the denoising loss."""
     params = {**frozen, **theta}
-    adapted = [simulate_attacker(unet, params, inner_names, b, alphas_cumprod, cfg, create_graph) for b in batches.inner]
+    mine = [n for n in range(len(batches.inner)) if shards is None or shards.owns(n)]
+    own = {n: simulate_attacker(unet, params, inner_names, batches.inner[n], alphas_cumprod, cfg, create_graph) for n in mine}
+    if shards is None:
+        adapted = [own[n] for n in mine]
+    else:
+        adapted = shards.exchange(own, len(batches.inner), {k: params[k] for k in inner_names})
     merged, residual = merge_adapted(params, adapted, ctx)
-    concept = sum(diffusion_losses_at(unet, {**params, **merged}, [d for d, _ in batches.outer], alphas_cumprod))
-    priors = [p for _, p in batches.outer]
-    pred, noise = predictions_at(unet, params, priors, alphas_cumprod)
-    utility = sum(_per_batch_mse(pred, noise, priors))
+    concept_batches = [batches.outer[n][0] for n in mine]
+    concept_parts = diffusion_losses_at(unet, {**params, **merged}, concept_batches, alphas_cumprod)
+    concept = sum(concept_parts)
+    priors = [batches.outer[n][1] for n in mine]
+    # the utility batches and, for the gap objective, the concept batches at theta: one UNet call
+    at_theta = priors + (concept_batches if cfg.objective == "gap" else [])
+    pred, noise = predictions_at(unet, params, at_theta, alphas_cumprod)
+    per_batch = _per_batch_mse(pred, noise, at_theta)
+    utility = sum(per_batch[: len(priors)])
     weight = cfg.prior_weight if cfg.utility_weight is None else cfg.utility_weight
     if cfg.utility == "distill" and teacher is not None:
         with torch.no_grad():
             target, _ = predictions_at(unet, {**params, **teacher}, priors, alphas_cumprod)
-        loss = -concept + weight * sum(_per_batch_mse(pred, target, priors))
+        keep = weight * sum(_per_batch_mse(pred[: target.shape[0]], target, priors))
     else:
-        loss = -concept + weight * utility
+        keep = weight * utility
+    if cfg.objective == "cap":
+        attack_term = sum(torch.clamp(part, max=cfg.objective_cap) for part in concept_parts)
+    elif cfg.objective == "gap":
+        attack_term = concept - sum(per_batch[len(priors) :])
+    else:
+        attack_term = concept
+    loss = -attack_term + keep
     n = len(batches.outer)
-    return loss, {"concept_loss": concept.item() / n, "utility_loss": utility.item() / n, "merge_residual": residual}
+    parts = torch.stack([concept.detach(), utility.detach()]).double()
+    if shards is not None:
+        shards.sum(parts)
+    return loss, {"concept_loss": parts[0].item() / n, "utility_loss": parts[1].item() / n, "merge_residual": residual}
 
 
 @contextlib.contextmanager
@@ -300,10 +395,24 @@ def run_mima(
     theta: Params | None = None,
     progress: bool = True,
     on_step: Callable[[int, dict], None] | None = None,
+    checkpoint_dir: Path | None = None,
+    accelerator=None,
 ) -> ImmunizeResult:
     """Immunize ``unet``'s ``cfg.outer_params`` against ``concepts`` with MIMA (or, with one concept
     and ``ctx=None``, IMMA). The module's own parameters are not modified; the immunized tensors
-    are returned (start from ``theta`` when given, to chain runs as ``imma_sequential`` does)."""
+    are returned (start from ``theta`` when given, to chain runs as ``imma_sequential`` does).
+
+    With ``checkpoint_dir`` and ``cfg.checkpoint_every`` > 0 the run writes a resumable
+    checkpoint (theta, AdamW state, the batch generator's and torch's RNG states, the log) every
+    ``checkpoint_every`` steps and at the end; with ``cfg.resume`` it continues from the one it
+    finds there, and ends with the same weights as an uninterrupted run.
+
+    With an ``accelerate.Accelerator`` of several processes (``accelerate launch``), the concepts
+    are split across the processes (:class:`ConceptShards`); every process ends with the same
+    weights as a single-process run, up to floating-point summation order."""
+    shards = ConceptShards.from_accelerator(accelerator)
+    if shards is not None and cfg.mode == "alternating":
+        raise ValueError("immunize.mode alternating runs in one process; launch it without accelerate's multi-process mode")
     steps = cfg.steps if steps is None else steps
     gen = torch.Generator().manual_seed(seed)
     outer_names = parameter_names(unet, cfg.outer_params)
@@ -317,8 +426,13 @@ def run_mima(
     T = alphas_cumprod.shape[0]
     log: dict[str, list] = {k: [] for k in ("step", "loss", "concept_loss", "utility_loss", "grad_norm", "merge_residual", "seconds")}
     t0 = time.time()
+    first = 0
+    if checkpoint_dir is not None and cfg.resume and (Path(checkpoint_dir) / "state.json").is_file():
+        first, extra = load_training_state(checkpoint_dir, theta, opt, {"batches": gen})
+        log, t0 = extra["log"], t0 - extra["seconds"]
     second = cfg.mode == "second_order"
-    for step in tqdm(range(steps), desc=f"immunize ({cfg.mode})", disable=not progress):
+    quiet = not progress or (shards is not None and shards.rank != 0)
+    for step in tqdm(range(first, steps), desc=f"immunize ({cfg.mode})", disable=quiet, initial=first, total=steps):
         # 1. fixed batches for this step: per concept, the attacker's and the outer ones
         batches = _sample_step_batches(concepts, prior, cfg, T, gen)
         if cfg.mode == "alternating":
@@ -340,11 +454,18 @@ def run_mima(
         else:
             # 2. the outer objective through the attacker and the merge
             with double_backward_attention() if second else contextlib.nullcontext():
-                loss, info = outer_objective(unet, theta, frozen, inner_names, batches, alphas_cumprod, cfg, ctx, create_graph=second, teacher=teacher)
+                loss, info = outer_objective(unet, theta, frozen, inner_names, batches, alphas_cumprod, cfg, ctx, create_graph=second, teacher=teacher, shards=shards)
+        if not torch.isfinite(loss):
+            where = f"; the last good checkpoint is in {checkpoint_dir}" if checkpoint_dir is not None and cfg.checkpoint_every > 0 else ""
+            raise FloatingPointError(f"immunize: the outer loss is {loss.item()} at step {step}; stopped{where}. Lower immunize.outer_lr or immunize.inner_lr.")
         # 3. the outer optimizer step
         opt.zero_grad(set_to_none=True)
         with double_backward_attention() if second else contextlib.nullcontext():
-            loss.backward()
+            if shards is None:
+                loss.backward()
+            else:
+                shards.backward(loss, theta)
+                loss = shards.sum(loss.detach().clone())
         grad_norm = torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in theta.values() if p.grad is not None)).item()
         opt.step()
         row = {"step": step, "loss": loss.item(), "grad_norm": grad_norm, "seconds": time.time() - t0, **info}
@@ -352,6 +473,9 @@ def run_mima(
             log[k].append(row[k])
         if on_step is not None:
             on_step(step, row)
+        due = checkpoint_dir is not None and cfg.checkpoint_every > 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps)
+        if due and (shards is None or shards.rank == 0):  # every process holds the same weights: one writes
+            save_training_state(checkpoint_dir, step + 1, theta, opt, {"batches": gen}, extra={"log": log, "seconds": time.time() - t0})
     return ImmunizeResult({n: v.detach().clone() for n, v in theta.items()}, log, time.time() - t0)
 
 
@@ -393,25 +517,30 @@ def immunize(
     ctx: MergeContext,
     seed: int,
     progress: bool = True,
+    checkpoint_dir: Path | None = None,
+    accelerator=None,
 ) -> ImmunizeResult:
     """One entry point for every method: ``mima`` (merge of N simulated attackers), ``imma`` (one
     concept), ``imma_joint`` (IMMA on the union of all concepts' data) and ``imma_sequential``
-    (IMMA on one concept after another, ``cfg.steps`` in total)."""
+    (IMMA on one concept after another, ``cfg.steps`` in total). ``checkpoint_dir``: where the
+    resumable checkpoints go; ``accelerator``: concept-parallel ``mima`` across its processes
+    (the single-concept methods run whole in every process); see :func:`run_mima`."""
     if not concepts:
         raise ValueError("immunize: no concepts given; set the threat's targets in params.yaml")
     if method == "mima":
-        return run_mima(unet, concepts, prior, alphas_cumprod, cfg, ctx, seed, progress=progress)
+        return run_mima(unet, concepts, prior, alphas_cumprod, cfg, ctx, seed, progress=progress, checkpoint_dir=checkpoint_dir, accelerator=accelerator)
     if method == "imma":
         if len(concepts) != 1:
             raise ValueError(f"imma immunizes one concept; got {len(concepts)} (use mima, imma_joint or imma_sequential)")
-        return run_mima(unet, concepts, prior, alphas_cumprod, cfg, None, seed, progress=progress)
+        return run_mima(unet, concepts, prior, alphas_cumprod, cfg, None, seed, progress=progress, checkpoint_dir=checkpoint_dir)
     if method == "imma_joint":
-        return run_mima(unet, [_union(concepts)], prior, alphas_cumprod, cfg, None, seed, progress=progress)
+        return run_mima(unet, [_union(concepts)], prior, alphas_cumprod, cfg, None, seed, progress=progress, checkpoint_dir=checkpoint_dir)
     if method == "imma_sequential":
         theta, logs, seconds = None, [], 0.0
         share = [cfg.steps // len(concepts) + (1 if k < cfg.steps % len(concepts) else 0) for k in range(len(concepts))]
         for k, (concept, steps) in enumerate(zip(concepts, share)):
-            result = run_mima(unet, [concept], prior, alphas_cumprod, cfg, None, seed + k, steps=steps, theta=theta, progress=progress)
+            part = None if checkpoint_dir is None else Path(checkpoint_dir) / f"part{k}"
+            result = run_mima(unet, [concept], prior, alphas_cumprod, cfg, None, seed + k, steps=steps, theta=theta, progress=progress, checkpoint_dir=part)
             theta, seconds = result.theta, seconds + result.seconds
             logs.append(result.log)
         log = {key: [v for part in logs for v in part[key]] for key in logs[0]}

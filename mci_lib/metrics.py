@@ -113,7 +113,8 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     evals, evecs = torch.linalg.eigh(sa)
     root_a = evecs @ torch.diag(evals.clamp_min(0).sqrt()) @ evecs.T
     cross = torch.linalg.eigvalsh(root_a @ sb @ root_a).clamp_min(0).sqrt().sum()
-    return float(mu + torch.trace(sa) + torch.trace(sb) - 2 * cross)
+    # identical sets give 0 up to rounding: a distance is never negative
+    return max(0.0, float(mu + torch.trace(sa) + torch.trace(sb) - 2 * cross))
 
 
 def concept_scores(pipe, judge, prompts: Sequence[str], target: str, reference_features: torch.Tensor, sampling, seeds: Sequence[int]) -> dict:

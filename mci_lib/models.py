@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -211,7 +212,11 @@ def add_placeholder_tokens(pipe: StableDiffusionPipeline, tokens: list[str], ini
 def text_states(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
     """Text-encoder hidden states (B, max_length, d) for ``prompts``, padded to max length as SD
     does, with gradient (for training the text encoder or a token embedding)."""
-    tok = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+    limit = pipe.tokenizer.model_max_length
+    long = [q for q in prompts if len(pipe.tokenizer(q).input_ids) > limit]
+    if long:
+        warnings.warn(f"{len(long)} prompt(s) exceed the tokenizer's {limit} tokens and are truncated, e.g. {long[0][:80]!r}...", stacklevel=2)
+    tok = pipe.tokenizer(list(prompts), padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
     return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]
 
 

@@ -163,3 +163,20 @@ def test_batched_losses_equal_separate_calls(setup):
     apart = [im.diffusion_loss_at(unet, params, b, abar) for b in pair]
     assert torch.allclose(torch.stack(together), torch.stack(apart), rtol=1e-12, atol=0)
     assert not torch.allclose(together[0], together[1])
+
+
+def test_bounded_objectives(setup):
+    """cap: the concept term stops at the cap; gap: neg minus the concept loss at theta."""
+    unet, concepts, prior, abar, ctx, cfg, batches = setup
+    theta, frozen, inner = _split(unet, cfg)
+    losses = {}
+    for objective, cap in (("neg", 1.0), ("gap", 1.0), ("cap", 1e-6)):
+        c = replace(cfg, objective=objective, objective_cap=cap)
+        losses[objective], info = im.outer_objective(unet, theta, frozen, inner, batches, abar, c, ctx, create_graph=False)
+    params = {**frozen, **theta}
+    at_theta = sum(im.diffusion_losses_at(unet, params, [d for d, _ in batches.outer], abar))
+    utility = sum(im.diffusion_losses_at(unet, params, [p for _, p in batches.outer], abar))
+    assert torch.allclose(losses["gap"], losses["neg"] + at_theta, atol=1e-10)
+    # every concept loss is above 1e-6, so the capped term is the constant -n * cap
+    assert torch.allclose(losses["cap"], -2e-6 + cfg.prior_weight * utility, atol=1e-10)
+    assert _flat_grad(theta, losses["cap"]).abs().sum() > 0  # the utility term still moves theta

@@ -109,3 +109,24 @@ def test_attack_notebooks_run_with_micro_parameters(threat, notebook, pipeline_d
     # attacks x models x seeds x (step 0 + 2 checkpoints) x 2 concepts
     assert len(lines) - 1 == len(kinds) * 4 * 1 * 3 * 2
     assert (tmp_path / "reports" / "figures" / f"attack_{threat}" / "presence_vs_step.png").is_file()
+
+
+def test_study_harness_writes_one_row_per_configuration(pipeline_dir, clip_vocab, tmp_path):
+    """benchmarks/study.py on the micro pipeline: one row per configuration, resumable."""
+    import subprocess
+    import sys
+
+    configs = tmp_path / "configs.yaml"
+    configs.write_text("- name: a\n- name: b\n  overrides: {immunize.objective: gap}\n")
+    out = tmp_path / "study.csv"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "study.py"), str(configs), "--out", str(out),
+           "--base-overrides", json.dumps(_overrides(pipeline_dir, clip_vocab))]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
+    lines = out.read_text().splitlines()
+    header = lines[0].split(",")
+    assert len(lines) == 3 and header[:4] == ["name", "threat", "method", "overrides"]
+    for column in ("msgr_full", "msgr_std_full", "verdict_lora", "steps_ratio_lora", "utility_presence", "utility_frechet", "seconds"):
+        assert column in header
+    again = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True)
+    assert "skip a" in again.stdout and len(out.read_text().splitlines()) == 3
+    assert list(tmp_path.glob("baseline_relearn_*.json"))

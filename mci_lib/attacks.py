@@ -54,6 +54,13 @@ class AttackData:
     token: str | None = None
     class_word: str | None = None
     class_prompt: str | None = None
+    identifier: str | None = None  # what non-token attacks write in place of ``token``
+
+    def captions_for(self, kind: str) -> list[str]:
+        """The captions attack ``kind`` trains on: the placeholder token for token attacks,
+        DreamBooth's rare-token identifier for the others (a multi-piece ``<p1>`` written as
+        plain text would tokenize almost like ``<p2>`` and blend the subjects)."""
+        return prompts_for(kind, self.captions, self.token, self.identifier)
 
     def __post_init__(self):
         if self.images.shape[0] == 0:
@@ -75,6 +82,14 @@ def default_budget(kind: str, cfg: AttackConfig) -> Budget:
     """The default budget of ``kind`` from ``params.yaml`` (``attack.lr.<kind>``, ``attack.steps``)."""
     check_kind(kind)
     return Budget(getattr(cfg.lr, kind), cfg.steps, cfg.lora_rank)
+
+
+def prompts_for(kind: str, prompts: Sequence[str], token: str | None, identifier: str | None) -> list[str]:
+    """``prompts`` as attack ``kind`` writes them: ``token`` replaced by ``identifier`` for the
+    attacks that add no token."""
+    if token and identifier and kind not in TOKEN_ATTACKS:
+        return [q.replace(token, identifier) for q in prompts]
+    return list(prompts)
 
 
 def check_kind(kind: str) -> None:
@@ -164,7 +179,8 @@ def attack(
     keep[token_ids] = False
     opt = torch.optim.AdamW(params, lr=budget.lr, weight_decay=0.0 if kind in TOKEN_ATTACKS else 1e-2)
     pipe.unet.train()
-    n_total = sum(len(c.captions) for c in concepts)
+    captions = [c.captions_for(kind) for c in concepts]
+    n_total = sum(len(c) for c in captions)
     owners = np.concatenate([np.full(len(c.captions), k) for k, c in enumerate(concepts)])
     rows = np.concatenate([np.arange(len(c.captions)) for c in concepts])
     bar = tqdm(range(1, budget.steps + 1), desc=f"attack {kind}", disable=not progress)
@@ -172,7 +188,7 @@ def attack(
         # 5. a batch of instance images from every concept's pool, plus the same number of class images
         pick = rng.choice(n_total, size=min(cfg.batch_size, n_total), replace=False)
         lat = torch.stack([instance_latents[owners[i]][rows[i]] for i in pick])
-        caps = [concepts[owners[i]].captions[rows[i]] for i in pick]
+        caps = [captions[owners[i]][rows[i]] for i in pick]
         loss = diffusion_loss(pipe.unet, ddpm, lat, text_states(pipe, caps), gen)
         if prior_latents:
             k = rng.integers(len(prior_latents))
@@ -202,6 +218,8 @@ class EvalConcept:
     name: str
     prompts: list[str]
     reference_features: torch.Tensor
+    token: str | None = None
+    identifier: str | None = None
 
 
 def score_attack(
@@ -229,13 +247,14 @@ def score_attack(
     cache = {} if step0_cache is None else step0_cache
     for step, pipe in attack(kind, model_dir, concepts, budget, cfg, sampling, seed, checkpoints, progress):
         for e in evals:
-            seeds = [sampling.seed + i for i in range(len(e.prompts))]
+            prompts = prompts_for(kind, e.prompts, e.token, e.identifier)
+            seeds = [sampling.seed + i for i in range(len(prompts))]
             # step 0 is the untouched model: the same for every seed and every attack that adds no token
-            key = (str(model_dir), kind in TOKEN_ATTACKS, e.name)
+            key = (str(model_dir), kind in TOKEN_ATTACKS, e.name)  # prompts_for depends on kind through this alone
             if step == 0 and key in cache:
                 s = cache[key]
             else:
-                s = concept_scores(pipe, judge, e.prompts, e.name, e.reference_features, sampling, seeds)
+                s = concept_scores(pipe, judge, prompts, e.name, e.reference_features, sampling, seeds)
                 if step == 0:
                     cache[key] = s
             rows.append({"attack": kind, "seed": seed, "step": step, "concept": e.name, "presence": s["presence"], "sim": s["sim"],
@@ -266,7 +285,7 @@ def toy_attack_data(data_dir, records, world, targets: Sequence[str], split: str
         if target in PERSONAL_SUBJECTS:
             p = PERSONAL_SUBJECTS[target]
             caps = concept_prompts(target, world.colors, len(recs))
-            out.append(AttackData(target, images, caps, p["token"], p["class_word"], f"a photo of a {p['class_word']}"))
+            out.append(AttackData(target, images, caps, p["token"], p["class_word"], f"a photo of a {p['class_word']}", p["identifier"]))
         else:
             out.append(AttackData(target, images, [f"a photo of a {r.color} {target}" for r in recs]))
     return out
@@ -282,7 +301,9 @@ def toy_eval_concepts(judge, data_dir, records, world, subjects: Sequence[str], 
         recs = select(records, "reference", subject)
         if not recs:
             raise ValueError(f"{subject!r} has no reference images in {data_dir}")
-        out.append(EvalConcept(subject, concept_prompts(subject, world.colors, n), classify(judge, load_images(data_dir, recs)).features))
+        personal = PERSONAL_SUBJECTS.get(subject, {})
+        out.append(EvalConcept(subject, concept_prompts(subject, world.colors, n), classify(judge, load_images(data_dir, recs)).features,
+                               personal.get("token"), personal.get("identifier")))
     return out
 
 

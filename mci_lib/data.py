@@ -42,8 +42,10 @@ COLOR_RGB = {
 # Personal subjects: composite designs that pretraining never shows, each with the class word
 # used for prior preservation and the placeholder token an attacker teaches.
 PERSONAL_SUBJECTS = {
-    "p1": {"token": "<p1>", "class_word": "badge", "description": "a yellow star inside a blue ring"},
-    "p2": {"token": "<p2>", "class_word": "tile", "description": "a red cross on a green square"},
+    # token: the placeholder that token attacks add; identifier: the rare single CLIP token that
+    # DreamBooth writes instead (as its users do with "sks"), distinct per subject
+    "p1": {"token": "<p1>", "identifier": "sks", "class_word": "badge", "description": "a yellow star inside a blue ring"},
+    "p2": {"token": "<p2>", "identifier": "ohwx", "class_word": "tile", "description": "a red cross on a green square"},
 }
 
 CAPTION_TEMPLATES = (

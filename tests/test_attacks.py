@@ -160,3 +160,15 @@ def test_attack_report_keys_and_the_real_attack_check():
     assert r["no_immunization_final_presence_per_concept"]["full"] == {"heart": 0.5, "star": 0.9}
     assert r["attack_is_real"] == {"full": False}  # heart stays at 0.5 < 0.7
     assert r["steps_to_relearn_ratio"]["full"]["mima"] == pytest.approx(1.0)
+
+
+def test_dreambooth_writes_a_distinct_rare_identifier_token_attacks_the_placeholder():
+    c = attacks.AttackData("p1", torch.zeros(1, 3, 4, 4, dtype=torch.uint8), ["a photo of <p1> badge"], "<p1>", "badge", "a photo of a badge", "sks")
+    assert c.captions_for("dreambooth_lora") == ["a photo of sks badge"]
+    assert c.captions_for("dreambooth") == ["a photo of sks badge"]
+    assert c.captions_for("textual_inversion") == ["a photo of <p1> badge"]
+    assert c.captions_for("custom_diffusion") == ["a photo of <p1> badge"]
+    from mci_lib.data import PERSONAL_SUBJECTS
+
+    ids = [s["identifier"] for s in PERSONAL_SUBJECTS.values()]
+    assert len(set(ids)) == len(ids)

@@ -112,9 +112,13 @@ def test_attack_notebooks_run_with_micro_parameters(threat, notebook, pipeline_d
 
 
 def test_study_harness_writes_one_row_per_configuration(pipeline_dir, clip_vocab, tmp_path):
-    """benchmarks/study.py on the micro pipeline: one row per configuration, resumable."""
+    """benchmarks/study.py on the micro pipeline: one row per configuration, resumable. Needs the
+    erased model of the erase notebook test above."""
     import subprocess
     import sys
+
+    if not (pipeline_dir / "models" / "erased").is_dir():
+        pytest.fail("the erase notebook test must run first")
 
     configs = tmp_path / "configs.yaml"
     configs.write_text("- name: a\n- name: b\n  overrides: {immunize.objective: gap}\n")

@@ -18,13 +18,18 @@ from mci_lib.config import ImmunizeConfig  # noqa: E402
 from mci_lib.merge import MergeFactor  # noqa: E402
 
 
-def build():
+def micro_unet() -> UNet2DConditionModel:
+    """The micro UNet of the immunization tests (4x4 latents, 6-wide cross-attention), seed 0."""
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=4, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         attention_head_dim=2, cross_attention_dim=6, norm_num_groups=4,
     )
+
+
+def build():
+    unet = micro_unet()
     g = torch.Generator().manual_seed(1)
 
     def concept(name, n=6):

@@ -4,11 +4,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 
 from mci_lib import immunize as im
 from mci_lib.config import ImmunizeConfig
 from mci_lib.merge import MergeFactor
+from resume_worker import micro_unet
 
 
 @pytest.fixture(autouse=True)
@@ -20,12 +20,7 @@ def math_attention():
 
 @pytest.fixture()
 def setup():
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=4, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=2, cross_attention_dim=6, norm_num_groups=4,
-    ).double()
+    unet = micro_unet().double()
     g = torch.Generator().manual_seed(1)
 
     def concept(name, n=6):

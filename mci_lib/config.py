@@ -234,6 +234,7 @@ class AttackConfig:
 
 @dataclass(frozen=True)
 class Params:
+    profile: str = "tiny"  # an overlay in profiles/<profile>.yaml ("tiny" overlays nothing)
     seed: int = 0
     device: str = "cpu"
     threads: int = 2
@@ -337,21 +338,45 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def resolve_profile(params_path: Path, profile: str | Path) -> Path:
+    """The overlay file of ``profile``: a path to a YAML file, or a name looked up as
+    ``profiles/<name>.yaml`` beside the params file."""
+    candidate = Path(profile)
+    if candidate.suffix in (".yaml", ".yml"):
+        if not candidate.is_file():
+            raise ParamsError(f"profile {str(profile)!r}: file not found")
+        return candidate
+    folder = params_path.parent / "profiles"
+    path = folder / f"{profile}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+        raise ParamsError(f"profile {str(profile)!r}: no {path}; known profiles: {', '.join(known) or 'none'}")
+    return path
+
+
 def load_params(
     path: str | Path = "params.yaml",
     profile: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Params:
-    """Read ``path``, overlay ``profile`` (a YAML file of only the keys that differ), then apply
-    dotted ``overrides`` such as ``{"pretrain.unet_steps": 10}``; return frozen :class:`Params`."""
+    """Read ``path``, overlay the profile (a YAML file of only the keys that differ: the
+    ``profile`` argument, else the file's own ``profile`` key, e.g. ``dvc exp run -S profile=quick``),
+    then apply dotted ``overrides`` such as ``{"pretrain.unet_steps": 10}``; return frozen
+    :class:`Params`."""
     path = Path(path)
     data = _read_yaml(path)
     source = str(path)
-    if profile:
-        profile_path = Path(profile)
-        data = _deep_update(data, _read_yaml(profile_path))
+    overrides = dict(overrides or {})
+    profile = overrides.pop("profile", None) or profile or data.get("profile")
+    if profile and profile != "tiny":  # "tiny" is params.yaml itself; no overlay file needed
+        profile_path = resolve_profile(path, profile)
+        overlay = _read_yaml(profile_path)
+        if "profile" in overlay:
+            raise ParamsError(f"{profile_path}: a profile cannot select another profile (remove its 'profile' key)")
+        data = _deep_update(data, overlay)
+        data["profile"] = Path(profile).stem
         source = f"{path} + {profile_path}"
-    for dotted, value in (overrides or {}).items():
+    for dotted, value in overrides.items():
         _set_dotted(data, dotted, value)
     if overrides:
         source += " + overrides"

@@ -58,3 +58,25 @@ def test_dotted_overrides_and_manifest_form():
 def test_missing_params_file_is_named(tmp_path):
     with pytest.raises(ParamsError, match="nope.yaml"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_profile_selected_by_the_params_key_or_by_name(tmp_path):
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "small.yaml").write_text("attack:\n  steps: 7\n  checkpoints: [7]\n")
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text().replace("profile: tiny", "profile: small"))
+    p = load_params(params)
+    assert p.profile == "small" and p.attack.steps == 7
+    (tmp_path / "profiles" / "tiny.yaml").write_text("{}\n")
+    # the key an experiment sets (`dvc exp run -S profile=...`) is the same one overrides reach
+    assert load_params(params, overrides={"profile": "tiny"}).attack.steps != 7
+    with pytest.raises(ParamsError, match=r"known profiles: small"):
+        load_params(params, profile="nope")
+    (tmp_path / "profiles" / "loop.yaml").write_text("profile: small\n")
+    with pytest.raises(ParamsError, match="cannot select another profile"):
+        load_params(params, profile="loop")
+
+
+def test_every_shipped_profile_loads():
+    for overlay in sorted((ROOT / "profiles").glob("*.yaml")):
+        assert load_params(ROOT / "params.yaml", profile=overlay.stem).profile == overlay.stem

@@ -34,6 +34,7 @@ $(CLIP_VOCAB): scripts/get_clip_vocab.py | $(VENV)/.installed
 
 pipeline: setup
 	$(BIN)/dvc repro
+	$(BIN)/python scripts/sync_readme.py
 
 test: setup
 	$(BIN)/python -m pytest -q

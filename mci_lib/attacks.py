@@ -333,6 +333,18 @@ def run_suite(
     return rows, images
 
 
+def sample_tensors(images: dict, cfg: AttackConfig) -> dict[str, torch.Tensor]:
+    """The kept samples of :func:`run_suite` at each attack's default budget, keyed
+    ``"<attack>/<method>/seed<seed>/step<step>/<concept>"`` (uint8 [n, 3, H, W]): the layout of
+    ``reports/figures/attack_<threat>/samples.safetensors`` that the concept explorer reads."""
+    out = {}
+    for (kind, method, seed, lr, rank, step, concept), v in images.items():
+        budget = default_budget(kind, cfg)
+        if lr == budget.lr and rank == budget.lora_rank:
+            out[f"{kind}/{method}/seed{seed}/step{step}/{concept}"] = v.contiguous()
+    return out
+
+
 def sweep_budgets(cfg: AttackConfig, kinds: Sequence[str]) -> dict[str, list[Budget]]:
     """The attacker-budget grid of ``kinds``: learning-rate scales x LoRA ranks (rank only for
     LoRA attacks); the steps axis is read off the checkpoints of each run."""

@@ -232,3 +232,27 @@ def attack_report(rows: Sequence[dict], summary: dict, worst_case: dict, utility
     out["attack_is_real"] = {a: all(v >= real_bar[c] for c, v in c_values.items()) for a, c_values in per_concept.items()}
     out["real_bar"] = dict(real_bar)
     return out
+
+
+def msgr_table(reports: dict[str, dict]) -> list[dict]:
+    """The MSGR table (DESIGN section 7) from the attack stages' metrics files
+    (``reports[threat]`` as written by :func:`attack_report`): one row per (threat, attack,
+    method) with MSGR on presence (mean and spread across seeds), its verdict, MSGR on sim, the
+    worst case over the budget sweep, the steps-to-relearn ratio, whether the attack is real, and
+    the method's utility presence. Numbers are rounded for display."""
+    out = []
+    for threat, report in reports.items():
+        for attack, methods in report["msgr"].items():
+            for method, value in methods.items():
+                std = report["msgr_std"][attack][method]
+                out.append({
+                    "threat": threat, "attack": attack, "method": method,
+                    "msgr": round(value, 1), "msgr_std": round(std, 1) if std == std else "n/a",
+                    "verdict": report["verdict"][attack][method],
+                    "msgr_sim": round(report["msgr_sim"][attack][method], 1),
+                    "worst_case_msgr": round(report["worst_case_msgr"][attack][method], 1),
+                    "steps_to_relearn_ratio": round(report["steps_to_relearn_ratio"][attack][method], 2),
+                    "attack_is_real": bool(report["attack_is_real"][attack]),
+                    "utility_presence": round(report["utility_presence"][method], 3),
+                })
+    return out

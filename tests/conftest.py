@@ -61,6 +61,7 @@ MICRO = {
     "attack.batch_size": 2,
     "attack.class_images": 2,
     "attack.utility_samples": 2,
+    "attack.sweep_attacks": ["lora", "dreambooth_lora"],  # the default runs no sweep; the tests still cover it
     "attack.sweep_lr_scales": [2.0],
     "attack.sweep_lora_ranks": [2],
 }

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import papermill as pm
 import pytest
+import torch
 
 from conftest import MICRO, ROOT
 from mci_lib.config import load_params
@@ -109,6 +110,34 @@ def test_attack_notebooks_run_with_micro_parameters(threat, notebook, pipeline_d
     # attacks x models x seeds x (step 0 + 2 checkpoints) x 2 concepts
     assert len(lines) - 1 == len(kinds) * 4 * 1 * 3 * 2
     assert (tmp_path / "reports" / "figures" / f"attack_{threat}" / "presence_vs_step.png").is_file()
+    from safetensors.torch import load_file
+
+    samples = load_file(str(tmp_path / "reports" / "figures" / f"attack_{threat}" / "samples.safetensors"))
+    # the default budget of every attack, every model, seed, checkpoint (step 0 too) and concept
+    assert len(samples) == len(kinds) * 4 * 1 * 3 * 2
+    key = f"{kinds[0]}/none/seed{p.attack.seeds[0]}/step0/{getattr(p, threat).targets[0]}"
+    assert samples[key].dtype == torch.uint8 and samples[key].shape[1] == 3
+
+
+def test_figures_notebook_runs_on_the_stage_outputs(pipeline_dir, clip_vocab):
+    """Needs both attack stages of the test above."""
+    tmp_path = pipeline_dir
+    if not (tmp_path / "reports" / "metrics" / "attack_personalize.json").is_file():
+        pytest.fail("the attack notebook tests must run first")
+    _run("05_figures.ipynb", tmp_path, clip_vocab)
+    figures = tmp_path / "reports" / "figures" / "results"
+    for name in ("relearn_presence_vs_step.png", "personalize_sim_vs_step.png", "utility.png", "relearn_sweep_heatmap.png",
+                 "relearn_lora_samples.png", "personalize_custom_diffusion_samples.png"):
+        assert (figures / name).is_file(), name
+    table = (tmp_path / "reports" / "tables" / "msgr.md").read_text().splitlines()
+    assert table[0].startswith("| threat | attack | method | msgr |")
+    p = load_params(ROOT / "params.yaml", None, _overrides(tmp_path, ROOT))
+    n_rows = (len(p.attack.relearn) + len(p.attack.personalize)) * len(p.immunize.methods)
+    assert len(table) == 2 + n_rows
+    assert len((tmp_path / "reports" / "tables" / "msgr.csv").read_text().splitlines()) == 1 + n_rows
+    card = (tmp_path / "models" / "release" / "relearn" / "mima" / "README.md").read_text()
+    assert card.startswith("---") and "mima" in card
+    assert (tmp_path / "models" / "release" / "personalize" / "imma_joint" / "model_index.json").is_file()
 
 
 def test_study_harness_writes_one_row_per_configuration(pipeline_dir, clip_vocab, tmp_path):

@@ -239,3 +239,253 @@ def load_training_state(folder: str | Path, tensors: dict[str, torch.Tensor], op
         g.set_state(flat[f"rng.{name}"])
     torch.set_rng_state(flat["rng.torch"])
     return int(meta["step"]), meta["extra"]
+
+
+def read_csv_rows(path: str | Path) -> list[dict]:
+    """Read a CSV written by :func:`write_csv` as one dict per row, numbers as floats (integers
+    as ints) and other cells as strings; an empty file gives no rows."""
+    import csv
+
+    def parse(cell: str):
+        for kind in (int, float):
+            try:
+                return kind(cell)
+            except ValueError:
+                pass
+        return cell
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; run the stage that writes it first (see dvc.yaml)")
+    with open(path, newline="") as fh:
+        return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically (a Markdown table, a model card)."""
+    with atomic_file(path, "w") as fh:
+        fh.write(text)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# model card and release folder of an immunized model
+
+ATTACK_NOTEBOOKS = {"relearn": "notebooks/03_relearning_attack.ipynb", "personalize": "notebooks/04_personalization_attack.ipynb"}
+THREAT_WORDS = {"relearn": "re-learning (fine-tuning an erased model to bring the concepts back)",
+                "personalize": "personalization (teaching the model new subjects from a few images)"}
+
+
+def _number(value: Any, digits: int = 2) -> str:
+    """A table cell: ``value`` rounded, ``n/a`` for None or nan."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "n/a"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def _flatten(settings: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    rows = []
+    for key in sorted(settings):
+        value = settings[key]
+        if isinstance(value, dict):
+            rows += _flatten(value, f"{prefix}{key}.")
+        else:
+            rows.append((prefix + key, ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else value))
+    return rows
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def model_card(
+    method: str,
+    threat: str,
+    targets: list[str] | tuple[str, ...],
+    base_model: str,
+    immunize_settings: dict,
+    attack_metrics: dict,
+    *,
+    model_name: str | None = None,
+    license: str = "creativeml-openrail-m",
+    profile: str = "tiny",
+    baseline: str = "none",
+    tags: tuple[str, ...] = (),
+) -> str:
+    """A Hugging Face model card (``README.md``) for a model immunized with ``method`` against
+    ``threat`` (``relearn`` or ``personalize``) on ``targets``: YAML front matter (library, base
+    model, license, pipeline tag, tags), then the base model, the concepts, the method and its
+    settings (``immunize_settings``, e.g. ``params_to_dict(p)["immunize"]``), one row per attack
+    from ``attack_metrics`` (the dict of ``reports/metrics/attack_<threat>.json``: MSGR mean +- std
+    across seeds, verdict, worst case over the budget sweep, steps-to-relearn ratio, and a flag
+    where ``attack_is_real[attack]`` is false, i.e. the attack did not bring the concepts back even
+    without immunization, so its MSGR says nothing), utility (``utility_presence`` and
+    ``utility_frechet`` beside the model without immunization, ``baseline``) and the commands that
+    reproduce it."""
+    if not targets:
+        raise ValueError("model_card: no target concepts")
+    if "msgr" not in attack_metrics:
+        raise ValueError(f"model_card: attack_metrics lacks 'msgr'; pass the dict of reports/metrics/attack_{threat}.json")
+    name = model_name or f"{base_model.rstrip('/').split('/')[-1]}-{method}-{threat}"
+    front = {
+        "library_name": "diffusers",
+        "base_model": base_model,
+        "license": license,
+        "pipeline_tag": "text-to-image",
+        "tags": list(dict.fromkeys(["immunization", "model-immunization", method.replace("_", "-"), "stable-diffusion",
+                                    "text-to-image", "diffusers", threat, *tags])),
+    }
+    import yaml
+
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", ""]
+    lines += [
+        f"# {name}",
+        "",
+        f"`{base_model}` immunized with **{method}** against **{THREAT_WORDS.get(threat, threat)}** of "
+        f"{len(targets)} concept(s): {', '.join(f'`{t}`' for t in targets)}.",
+        "",
+        "Model immunization (IMMA, Zheng & Yeh, ECCV 2024; MIMA, Zheng & Yeh, AAAI 2025, arXiv 2412.15320) changes "
+        "a model's weights before release so that fine-tuning it on the target concepts is harder, while the model "
+        "stays useful for everything else. The tables below say how far that held in this project's measurements; "
+        "read them before relying on it. Immunization raises the cost of an attack; it is no guarantee.",
+        "",
+        "## Base model",
+        "",
+        f"- base model: `{base_model}`",
+        f"- profile: `{profile}`",
+        f"- threat model: `{threat}`",
+        "",
+        "## Concepts immunized against",
+        "",
+        "| concept | threat |",
+        "|---|---|",
+        *[f"| {_cell(t)} | {_cell(threat)} |" for t in targets],
+        "",
+        "## Method and settings",
+        "",
+        f"Method: `{method}`. Settings (the `immunize` section of the resolved params):",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *[f"| `{_cell(k)}` | {_cell(format(v, 'g') if isinstance(v, float) else v)} |" for k, v in _flatten(immunize_settings)],
+        "",
+        "## Attacks",
+        "",
+        "MSGR: the mean similarity gap ratio (percent) of target-concept presence, `100 * (without - with) / without`, "
+        "against the same attack, seeds and initial noise on the model without immunization, averaged over the target "
+        "concepts and attack checkpoints; positive means the attack brought the concepts back less on this model. "
+        "Mean +- standard deviation across attack seeds; the worst case is the attacker's best point of the "
+        "budget sweep (learning rate x LoRA rank). An attack marked *not real* did not bring the concepts back even "
+        "without immunization, so its MSGR measures nothing.",
+        "",
+        "| attack | MSGR (mean +- std) | verdict | worst-case MSGR (budget sweep) | steps-to-relearn ratio | attack real? |",
+        "|---|---|---|---|---|---|",
+    ]
+    real = attack_metrics.get("attack_is_real", {})
+    no_imm = attack_metrics.get("no_immunization_final_presence", {})
+    for attack in sorted(attack_metrics["msgr"]):
+        if method not in attack_metrics["msgr"][attack]:
+            lines.append(f"| {_cell(attack)} | not measured | | | | |")
+            continue
+        mean = attack_metrics["msgr"][attack][method]
+        std = attack_metrics.get("msgr_std", {}).get(attack, {}).get(method)
+        verdict = attack_metrics.get("verdict", {}).get(attack, {}).get(method, "n/a")
+        worst = attack_metrics.get("worst_case_msgr", {}).get(attack, {}).get(method)
+        ratio = attack_metrics.get("steps_to_relearn_ratio", {}).get(attack, {}).get(method)
+        if attack not in real:
+            flag = "not checked"
+        elif real[attack]:
+            flag = "yes"
+        else:
+            flag = (f"**NO: not a real attack** (without immunization final presence {_number(no_imm.get(attack))}, "
+                    "below the bar); this MSGR is not evidence")
+        msgr_text = f"{_number(mean)} +- {_number(std)}" + ("" if real.get(attack, True) else " (attack not real)")
+        lines.append(f"| {_cell(attack)} | {msgr_text} | {_cell(verdict)} | {_number(worst)} | {_number(ratio)} | {flag} |")
+    lines += [
+        "",
+        "## Utility",
+        "",
+        "On the non-target concepts: presence (share of samples showing the prompted concept) and the Frechet "
+        "distance of feature statistics to the model without immunization (0: identical).",
+        "",
+        f"| metric | {_cell(method)} | without immunization |",
+        "|---|---|---|",
+    ]
+    up, uf = attack_metrics.get("utility_presence", {}), attack_metrics.get("utility_frechet", {})
+    lines.append(f"| utility presence | {_number(up.get(method), 3)} | {_number(up.get(baseline), 3)} |")
+    lines.append(f"| utility Frechet distance | {_number(uf.get(method))} | {_number(uf.get(baseline))} |")
+    profile_flag = "" if profile == "tiny" else f" -S profile={profile}"
+    notebook = ATTACK_NOTEBOOKS.get(threat, "notebooks/03_relearning_attack.ipynb")
+    lines += [
+        "",
+        "## How to reproduce",
+        "",
+        "From a clone of the project repository (`make setup`; every model is read from a local path, "
+        "`HF_HUB_OFFLINE=1`):",
+        "",
+        "```bash",
+        "source .venv/bin/activate",
+        ("dvc repro   # the whole pipeline, tiny profile" if profile == "tiny"
+         else f"dvc exp run{profile_flag}   # or `dvc repro` with `profile: {profile}` in params.yaml"),
+        f"dvc repro immunize@{threat} attack_{threat}   # only this threat's stages",
+        "dvc metrics show",
+        f"papermill notebooks/02_immunize.ipynb /tmp/02_immunize.ipynb -p threat {threat} -p profile {profile}",
+        f"papermill {notebook} /tmp/attack_{threat}.ipynb -p profile {profile}",
+        "```",
+        "",
+        f"The metrics above are `reports/metrics/attack_{threat}.json`; the immunized weights are "
+        f"`models/immunized/{threat}/{method}/` (`delta.safetensors` holds only the changed tensors, "
+        "`manifest.json` the resolved params, seeds, package versions and input hashes).",
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "from diffusers import StableDiffusionPipeline",
+        'pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+RELEASE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+RELEASE_EXTRAS = ("delta.safetensors", "manifest.json")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+
+
+def export_release(model_folder: str | Path, out_folder: str | Path, card_text: str) -> Path:
+    """Copy an immunized diffusers folder into ``out_folder`` as a release: ``model_index.json``,
+    the pipeline components (``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``),
+    ``delta.safetensors`` and ``manifest.json`` when present, and ``README.md`` = ``card_text``.
+    Nothing else (logs, checkpoints) is copied, and pickled weight files are refused (a release
+    carries safetensors only). Written to a temporary folder and renamed when complete."""
+    from .models import check_model_folder
+
+    src = check_model_folder(model_folder)
+    if not card_text.startswith("---\n"):
+        raise ValueError("export_release: card_text must be a model card with YAML front matter (see model_card)")
+    # the five SD components, and any other component model_index.json names (e.g. safety_checker)
+    index = read_json(src / "model_index.json")
+    parts = list(RELEASE_PARTS) + sorted(
+        k for k, v in index.items()
+        if not k.startswith("_") and k not in RELEASE_PARTS and isinstance(v, list) and v and v[0] is not None and (src / k).is_dir()
+    )
+    for part in parts:
+        pickles = [p for p in (src / part).rglob("*") if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise ValueError(f"{pickles[0]}: a pickled weights file; a release carries safetensors only. "
+                             "Re-save the pipeline with mci_lib.models.save_pipeline (safe_serialization).")
+    out = Path(out_folder)
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise ValueError(f"export_release: {out} lies inside the model folder {src}; choose another output folder")
+    with atomic_dir(out) as tmp:
+        shutil.copy2(src / "model_index.json", tmp / "model_index.json")
+        for part in parts:
+            shutil.copytree(src / part, tmp / part)
+        for extra in RELEASE_EXTRAS:
+            if (src / extra).is_file():
+                shutil.copy2(src / extra, tmp / extra)
+        (tmp / "README.md").write_text(card_text)
+    return out

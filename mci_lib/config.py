@@ -212,6 +212,10 @@ class AttackConfig:
     # DDIM steps when scoring attack checkpoints and sampling class images; on the tiny model 8
     # steps give the same presence as 25 (measured: base and erased models, 4 shapes x 64 samples)
     num_inference_steps: int = 8
+    # the attacker's loss weighting over timesteps: "none" (the plain epsilon loss of the diffusers
+    # examples), "min_snr" (their --snr_gamma option) or "v" (the base model's own pretraining loss)
+    loss_weighting: str = "none"
+    snr_gamma: float = 5.0
     lr: AttackLR = field(default_factory=AttackLR)
     sweep_attacks: tuple[str, ...] = ("lora", "dreambooth_lora")  # which attacks get the budget sweep (those the threat runs)
     sweep_lr_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
@@ -227,9 +231,46 @@ class AttackConfig:
             raise ParamsError("attack.steps and attack.batch_size must be >= 1 and attack.seeds non-empty")
         if self.num_inference_steps < 1:
             raise ParamsError(f"attack.num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if self.loss_weighting not in ("none", "min_snr", "v"):
+            raise ParamsError(f"attack.loss_weighting must be none, min_snr or v, got {self.loss_weighting!r}")
         late = [c for c in self.checkpoints if c < 1 or c > self.steps]
         if late:
             raise ParamsError(f"attack.checkpoints {late} fall outside 1..attack.steps ({self.steps})")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """Re-learning with N = 1..len(concepts) target shapes (the scaling figure): for each count in
+    ``counts`` the first N ``concepts`` are erased from the base model, immunized with ``method``,
+    and attacked with ``attack`` (its default budget) on ``attack.seeds[0]``, against the erased
+    model without immunization."""
+
+    concepts: tuple[str, ...] = ("star", "heart", "cross", "triangle")
+    counts: tuple[int, ...] = (1, 2, 3, 4)
+    method: str = "mima"
+    attack: str = "lora"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ParamsError(f"scaling.method: unknown method {self.method!r}; known: {', '.join(METHODS)}")
+        if self.attack not in ATTACKS:
+            raise ParamsError(f"scaling.attack: unknown attack {self.attack!r}; known: {', '.join(ATTACKS)}")
+        bad = [n for n in self.counts if not 1 <= n <= len(self.concepts)]
+        if bad:
+            raise ParamsError(f"scaling.counts {bad} fall outside 1..{len(self.concepts)} (the number of scaling.concepts)")
+
+
+@dataclass(frozen=True)
+class EvalModelsConfig:
+    """Feature scorers for real images (DESIGN section 7, Stable Diffusion profile): local folders
+    only, never a hub. ``clip_dir``: a CLIP model folder (``transformers`` layout, e.g.
+    openai/clip-vit-large-patch14); ``dino_dir``: a DINO or DINOv2 folder (e.g. facebook/dino-vits16);
+    ``lpips_weights``: a safetensors file of LPIPS (AlexNet) weights. null: not used (the toy
+    profile scores with its judge)."""
+
+    clip_dir: Optional[str] = None
+    dino_dir: Optional[str] = None
+    lpips_weights: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -249,6 +290,8 @@ class Params:
     erase: EraseConfig = field(default_factory=EraseConfig)
     immunize: ImmunizeConfig = field(default_factory=ImmunizeConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    eval_models: EvalModelsConfig = field(default_factory=EvalModelsConfig)
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
@@ -394,3 +437,59 @@ def params_to_dict(params: Params) -> dict:
         return obj
 
     return convert(dataclasses.asdict(params))
+
+
+def check_paths(params: Params, root: str | Path | None = None) -> dict[str, Path]:
+    """Check, before any work starts, every local path a profile needs; call it first in every
+    entry point. ``model.pretrained_dir`` (when set) must be a diffusers SD folder; for such a real
+    model the CLIP and DINO folders of ``eval_models`` are required, and ``eval_models.lpips_weights``
+    is checked when set. Relative paths are taken from ``root`` (default: the working directory,
+    the repository root under ``dvc repro``). Every problem is collected, then one
+    FileNotFoundError names each params key, its path and what to download into it. Returns the
+    checked paths by key (empty for the tiny profile)."""
+    from .scorers import missing_path_message
+
+    base = Path(root) if root is not None else Path.cwd()
+
+    def resolve(value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else base / p
+
+    problems: list[str] = []
+    found: dict[str, Path] = {}
+    real = params.model.pretrained_dir is not None
+    if real:
+        folder = resolve(params.model.pretrained_dir)
+        if not folder.is_dir():
+            problems.append(missing_path_message("model.pretrained_dir", params.model.pretrained_dir))
+        else:
+            from .models import check_model_folder
+
+            try:
+                found["model.pretrained_dir"] = check_model_folder(folder)
+            except FileNotFoundError as err:
+                problems.append(f"model.pretrained_dir: {err}")
+    em = params.eval_models
+    for key, value, is_dir in (
+        ("eval_models.clip_dir", em.clip_dir, True),
+        ("eval_models.dino_dir", em.dino_dir, True),
+        ("eval_models.lpips_weights", em.lpips_weights, False),
+    ):
+        if value is None:
+            if real and is_dir:
+                problems.append(missing_path_message(key, None) + " (a real model's samples are scored with it)")
+            continue
+        path = resolve(value)
+        if is_dir and path.is_dir() and not (path / "config.json").is_file():
+            problems.append(f"{key}: {value} has no config.json (not a transformers model folder); "
+                            + missing_path_message(key, value).split("; ", 1)[1])
+        elif not (path.is_dir() if is_dir else path.is_file()):
+            problems.append(missing_path_message(key, value))
+        else:
+            found[key] = path
+    if problems:
+        raise FileNotFoundError(
+            f"profile {params.profile!r}: {len(problems)} local path(s) missing; nothing is downloaded at run time "
+            "(HF_HUB_OFFLINE=1):\n- " + "\n- ".join(problems)
+        )
+    return found

@@ -81,22 +81,29 @@ class PromptCache:
 
 
 def diffusion_loss(
-    unet, scheduler: DDPMScheduler, latents: torch.Tensor, text: torch.Tensor, generator: torch.Generator | None = None, weighting: str = "none"
+    unet, scheduler: DDPMScheduler, latents: torch.Tensor, text: torch.Tensor, generator: torch.Generator | None = None, weighting: str = "none",
+    snr_gamma: float = 5.0,
 ) -> torch.Tensor:
     """The epsilon-prediction loss L(theta; batch) of DESIGN section 6 on one batch of latents.
 
     ``weighting="v"`` multiplies each sample's loss by ``1 / abar_t``, which makes it equal to the
     v-prediction loss of the same model: the epsilon loss alone gives almost no weight to high
-    noise levels, where a small model must learn what the prompt asks for."""
+    noise levels, where a small model must learn what the prompt asks for. ``weighting="min_snr"``
+    is Min-SNR-gamma (Hang et al. 2023; the diffusers training examples' ``--snr_gamma``):
+    ``min(SNR_t, gamma) / SNR_t`` with ``SNR_t = abar_t / (1 - abar_t)``."""
     noise = torch.randn(latents.shape, generator=generator)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     noisy = scheduler.add_noise(latents, noise, t)
     pred = unet(noisy, t, text).sample
     per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+    abar = scheduler.alphas_cumprod.to(per_sample.dtype)[t]
     if weighting == "v":
-        per_sample = per_sample / scheduler.alphas_cumprod.to(per_sample.dtype)[t]
+        per_sample = per_sample / abar
+    elif weighting == "min_snr":
+        snr = abar / (1 - abar)
+        per_sample = per_sample * torch.clamp(snr, max=snr_gamma) / snr
     elif weighting != "none":
-        raise ValueError(f"unknown loss weighting {weighting!r}; use none or v")
+        raise ValueError(f"unknown loss weighting {weighting!r}; use none, v or min_snr")
     return per_sample.mean()
 
 

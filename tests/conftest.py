@@ -63,6 +63,7 @@ MICRO = {
     "attack.utility_samples": 2,
     "attack.sweep_attacks": ["lora", "dreambooth_lora"],  # the default runs no sweep; the tests still cover it
     "attack.sweep_lr_scales": [2.0],
+    "scaling.counts": [1, 2],
     "attack.sweep_lora_ranks": [2],
 }
 

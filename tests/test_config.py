@@ -80,3 +80,70 @@ def test_profile_selected_by_the_params_key_or_by_name(tmp_path):
 def test_every_shipped_profile_loads():
     for overlay in sorted((ROOT / "profiles").glob("*.yaml")):
         assert load_params(ROOT / "params.yaml", profile=overlay.stem).profile == overlay.stem
+
+
+def test_sd15_profile_overlays_the_reference_settings():
+    from mci_lib.config import EvalModelsConfig
+
+    base = load_params(ROOT / "params.yaml")
+    assert base.eval_models == EvalModelsConfig()  # the tiny profile uses no feature scorers
+    p = load_params(ROOT / "params.yaml", profile="sd15")
+    assert p.profile == "sd15" and p.device == "cuda"
+    assert p.model.pretrained_dir and p.world.image_size == 512
+    assert (p.immunize.inner_lr, p.immunize.outer_lr, p.immunize.steps, p.immunize.batch_size) == (5e-6, 3e-5, 1000, 1)
+    assert p.immunize.prior_weight == 1.0 and p.erase.lam == 0.5
+    assert p.eval_models.clip_dir and p.eval_models.dino_dir
+    assert p.world.shapes == base.world.shapes and p.judge == base.judge  # only the named keys change
+    # selected by the params key as `dvc exp run -S profile=sd15` does
+    assert load_params(ROOT / "params.yaml", overrides={"profile": "sd15"}).world.image_size == 512
+
+
+def test_eval_models_keys_are_checked(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("eval_models:\n  clip_folder: x\n")
+    with pytest.raises(ParamsError, match=r"unknown key 'eval_models.clip_folder'"):
+        load_params(bad)
+    bad.write_text("eval_models:\n  dino_dir: 3\n")
+    with pytest.raises(ParamsError, match=r"'eval_models.dino_dir' must be a string"):
+        load_params(bad)
+
+
+def test_check_paths_names_every_missing_path(tmp_path):
+    from mci_lib.config import check_paths
+
+    assert check_paths(load_params(ROOT / "params.yaml"), root=tmp_path) == {}  # tiny: nothing to check
+    p = load_params(ROOT / "params.yaml", profile="sd15")
+    with pytest.raises(FileNotFoundError) as err:
+        check_paths(p, root=tmp_path)
+    msg = str(err.value)
+    assert "profile 'sd15': 4 local path(s) missing" in msg
+    for key, value in (("model.pretrained_dir", p.model.pretrained_dir), ("eval_models.clip_dir", p.eval_models.clip_dir),
+                       ("eval_models.dino_dir", p.eval_models.dino_dir), ("eval_models.lpips_weights", p.eval_models.lpips_weights)):
+        assert f"{key}: {value} not found" in msg
+    assert "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir models/sd-v1-5" in msg
+    assert "openai/clip-vit-large-patch14" in msg and "facebook/dino-vits16" in msg
+
+
+def test_check_paths_accepts_complete_folders_and_explains_partial_ones(tmp_path):
+    from mci_lib.config import check_paths
+
+    overlay = tmp_path / "gpu.yaml"
+    overlay.write_text("model:\n  pretrained_dir: sd\neval_models:\n  clip_dir: clip\n  dino_dir: null\n")
+    p = load_params(ROOT / "params.yaml", profile=overlay)
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text("{}")
+    (tmp_path / "clip").mkdir()
+    with pytest.raises(FileNotFoundError) as err:
+        check_paths(p, root=tmp_path)
+    msg = str(err.value)
+    assert "model.pretrained_dir:" in msg and "'unet/' is missing" in msg
+    assert "eval_models.clip_dir: clip has no config.json" in msg
+    assert "eval_models.dino_dir is not set" in msg
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (tmp_path / "sd" / part).mkdir()
+    (tmp_path / "clip" / "config.json").write_text("{}")
+    (tmp_path / "dino").mkdir()
+    (tmp_path / "dino" / "config.json").write_text("{}")
+    ok = load_params(ROOT / "params.yaml", profile=overlay, overrides={"eval_models.dino_dir": str(tmp_path / "dino")})
+    found = check_paths(ok, root=tmp_path)
+    assert set(found) == {"model.pretrained_dir", "eval_models.clip_dir", "eval_models.dino_dir"}

@@ -119,15 +119,25 @@ def test_attack_notebooks_run_with_micro_parameters(threat, notebook, pipeline_d
     assert samples[key].dtype == torch.uint8 and samples[key].shape[1] == 3
 
 
+def test_scaling_notebook_runs_with_micro_parameters(pipeline_dir, clip_vocab):
+    tmp_path = pipeline_dir
+    _run("03b_scaling.ipynb", tmp_path, clip_vocab)
+    result = json.loads((tmp_path / "reports" / "metrics" / "scaling.json").read_text())
+    assert [r["n_concepts"] for r in result["rows"]] == [1, 2]
+    assert all(r["seconds"] > 0 and -1e9 < r["msgr_presence"] <= 100 for r in result["rows"])
+    assert (tmp_path / "models" / "scaling" / "n2" / "mima" / "model_index.json").is_file()
+    assert (tmp_path / "reports" / "plots" / "scaling.csv").read_text().startswith("n_concepts,msgr_presence")
+
+
 def test_figures_notebook_runs_on_the_stage_outputs(pipeline_dir, clip_vocab):
-    """Needs both attack stages of the test above."""
+    """Needs both attack stages and the scaling stage of the tests above."""
     tmp_path = pipeline_dir
     if not (tmp_path / "reports" / "metrics" / "attack_personalize.json").is_file():
         pytest.fail("the attack notebook tests must run first")
     _run("05_figures.ipynb", tmp_path, clip_vocab)
     figures = tmp_path / "reports" / "figures" / "results"
     for name in ("relearn_presence_vs_step.png", "personalize_sim_vs_step.png", "utility.png", "relearn_sweep_heatmap.png",
-                 "relearn_lora_samples.png", "personalize_custom_diffusion_samples.png"):
+                 "relearn_lora_samples.png", "personalize_custom_diffusion_samples.png", "scaling.png"):
         assert (figures / name).is_file(), name
     table = (tmp_path / "reports" / "tables" / "msgr.md").read_text().splitlines()
     assert table[0].startswith("| threat | attack | method | msgr |")

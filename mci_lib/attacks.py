@@ -18,19 +18,31 @@ Kinds:
 - ``dreambooth_lora``: the same with LoRA;
 - ``textual_inversion``: one new token's embedding only;
 - ``custom_diffusion``: cross-attention K/V plus a new modifier token, with prior preservation.
+
+Resume (DESIGN section 8): with ``checkpoint_dir`` and ``checkpoint_every`` an attack writes a
+resumable checkpoint (the trained tensors, the AdamW state, every RNG state, the step) and with
+``resume=True`` continues from it, ending with the same weights as an uninterrupted run.
+
+Data parallelism: with an ``accelerate.Accelerator`` of several processes, every process draws
+the same full batch, runs its slice of it, and the gradients are summed across processes before
+one identical optimizer step everywhere (the weights equal a one-process run's, up to the order
+of floating-point sums).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
+from .artifacts import load_training_state, read_json, save_training_state
 from .config import ATTACKS, AttackConfig
 from .data import PERSONAL_SUBJECTS, load_images, select
 from .models import add_placeholder_tokens, is_cross_attention_kv, load_pipeline, text_states
@@ -133,6 +145,91 @@ def _class_images(pipe: StableDiffusionPipeline, concepts: Sequence[AttackData],
     return out
 
 
+def _named_trainable(pipe: StableDiffusionPipeline, params: Sequence[torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
+    """The trainable tensors by a stable name (``unet.<name>`` or ``text_encoder.token_embedding``),
+    in the optimizer's order: what an attack checkpoint stores."""
+    names = {id(p): f"unet.{n}" for n, p in pipe.unet.named_parameters()}
+    names[id(pipe.text_encoder.get_input_embeddings().weight)] = "text_encoder.token_embedding"
+    return {names[id(p)]: p for p in params}
+
+
+def _run_identity(kind: str, model_dir, concepts: Sequence[AttackData], budget: Budget, cfg: AttackConfig, seed: int) -> dict:
+    """What must match for a checkpoint to continue this run (``budget.steps`` may grow)."""
+    return {
+        "kind": kind,
+        "model_dir": str(Path(model_dir).resolve()),
+        "concepts": [c.name for c in concepts],
+        "seed": int(seed),
+        "lr": float(budget.lr),
+        "lora_rank": int(budget.lora_rank),
+        "batch_size": int(cfg.batch_size),
+        "prior_weight": float(cfg.prior_weight),
+        "class_images": int(cfg.class_images),
+    }
+
+
+def _check_checkpoint(folder: Path, identity: dict, steps: int) -> None:
+    """Refuse a checkpoint that another attack run wrote, naming the file and what differs."""
+    path = folder / "state.json"
+    meta = read_json(path)
+    saved = (meta.get("extra") or {}).get("attack")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: not an attack checkpoint (no attack identity in it; an immunization checkpoint?); "
+                         "point checkpoint_dir at this attack's own folder or delete it to start afresh")
+    differ = sorted(k for k in identity if saved.get(k) != identity[k])
+    if differ:
+        what = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {identity[k]!r}" for k in differ)
+        raise ValueError(f"{path}: checkpoint of another attack run ({what}); "
+                         "delete the checkpoint folder to start afresh or run with the settings that wrote it")
+    if int(meta.get("step", 0)) > steps:
+        raise ValueError(f"{path}: checkpoint is at step {meta['step']}, past this run's budget of {steps} steps")
+
+
+def _bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Process ``rank``'s contiguous share of ``n`` batch rows."""
+    return rank * n // world, (rank + 1) * n // world
+
+
+def _sliced_diffusion_loss(pipe: StableDiffusionPipeline, ddpm: DDPMScheduler, latents: torch.Tensor, caps: Sequence[str], gen: torch.Generator,
+                           rank: int, world: int) -> torch.Tensor | None:
+    """Process ``rank``'s share of :func:`diffusion_loss` on the whole batch: the noise and
+    timesteps of all rows are drawn from ``gen`` exactly as :func:`diffusion_loss` draws them (so
+    ``gen`` advances the same on every process), the UNet runs on this process's rows only, and
+    their per-sample losses are summed and divided by the whole batch size, so that the sum over
+    processes is the batch mean. ``None`` when this process has no rows."""
+    noise = torch.randn(latents.shape, generator=gen)
+    t = torch.randint(0, ddpm.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+    lo, hi = _bounds(latents.shape[0], rank, world)
+    if hi <= lo:
+        return None
+    device = pipe.unet.device
+    noise, t = noise[lo:hi].to(device), t[lo:hi].to(device)
+    noisy = ddpm.add_noise(latents[lo:hi].to(device), noise, t)
+    pred = pipe.unet(noisy, t, text_states(pipe, list(caps[lo:hi]))).sample
+    return F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)).sum() / latents.shape[0]
+
+
+def _all_reduce_grads(params: Sequence[torch.nn.Parameter], loss: torch.Tensor | None) -> float:
+    """Sum the gradients of ``params`` and the loss shares over the processes (one flat
+    all-reduce, outside autograd). A tensor that got no gradient on any process keeps
+    ``grad = None``, as in one process (AdamW then skips it). Returns the summed loss."""
+    device = params[0].device
+    has = torch.tensor([0.0 if p.grad is None else 1.0 for p in params], device=device)
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    value = torch.zeros(1, device=device, dtype=grads[0].dtype) if loss is None else loss.detach().reshape(1).to(grads[0].dtype)
+    flat = torch.cat([g.reshape(-1) for g in grads] + [value, has.to(grads[0].dtype)])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+    total = flat[offset].item()
+    for p, got in zip(params, flat[offset + 1 :]):
+        if got.item() == 0:
+            p.grad = None
+    return total
+
+
 def attack(
     kind: str,
     model_dir,
@@ -143,18 +240,52 @@ def attack(
     seed: int,
     checkpoints: Sequence[int],
     progress: bool = True,
+    checkpoint_dir=None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    accelerator=None,
 ) -> Iterator[tuple[int, StableDiffusionPipeline]]:
     """Fine-tune the model in ``model_dir`` on ``concepts`` (all at once, one shuffled stream) with
     attack ``kind`` for ``budget.steps`` steps; yield ``(step, pipe)`` at step 0 and at every step
-    of ``checkpoints`` (the pipeline is live: use it before asking for the next checkpoint)."""
+    of ``checkpoints`` (the pipeline is live: use it before asking for the next checkpoint).
+
+    Resume: with ``checkpoint_dir`` and ``checkpoint_every`` = k > 0, a training checkpoint
+    (``state.safetensors`` + ``state.json``: the trained tensors, the AdamW state, the batch
+    generator's, torch's and numpy's RNG states, the step and the run's identity) is written
+    atomically after every k-th step and after the last one; it is written after that step's
+    yield, so a kill while the caller works on a yielded pipeline repeats that step on resume.
+    With ``resume=True`` and a checkpoint there, the run restores it and continues from the next
+    step, ending with the same weights as an uninterrupted run (bit for bit on the CPU). The
+    steps at or before the restored one, step 0 included, are not yielded again. A checkpoint of
+    another run (other kind, model, concepts, seed, lr, rank, batch size or prior settings) is
+    refused; a larger ``budget.steps`` continues it.
+
+    Data parallelism: with an ``accelerate.Accelerator`` of several processes (``accelerate
+    launch``), the pipeline moves to ``accelerator.device``, every process draws the same full
+    batch (the same data, noise and timesteps as one process), runs the loss on its contiguous
+    share of the rows, scaled so that the summed gradient is the one-process batch-mean
+    gradient; the gradients are summed across processes outside autograd and every process takes
+    the same optimizer step. Every process yields the same pipeline; the main process alone
+    writes checkpoints. With no accelerator or one process, the run is the one-process code."""
     check_kind(kind)
     if not concepts:
         raise ValueError("attack: no concepts given")
     if budget.steps < 1 or budget.lr <= 0:
         raise ValueError(f"attack budget must have steps >= 1 and lr > 0, got {budget}")
+    if checkpoint_every < 0:
+        raise ValueError(f"attack: checkpoint_every must be >= 0, got {checkpoint_every}")
     schedule = sorted({s for s in checkpoints if 0 < s <= budget.steps} | {budget.steps})
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if world > 1 else 0
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    identity = _run_identity(kind, model_dir, concepts, budget, cfg, seed) if folder is not None else None
+    resuming = resume and folder is not None and (folder / "state.json").is_file()
+    if resuming:
+        _check_checkpoint(folder, identity, budget.steps)  # before any work: a wrong folder fails at once
     # 1. load the released model as a user would
     pipe = load_pipeline(model_dir)
+    if world > 1:
+        pipe.to(accelerator.device)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -166,47 +297,72 @@ def attack(
             if not c.token or not c.class_word:
                 raise ValueError(f"{kind} needs a placeholder token and class word for {c.name!r}")
             token_ids += add_placeholder_tokens(pipe, [c.token], init_word=c.class_word)
-    # 3. prior-preservation data, sampled before training
+    # 3. prior-preservation data, sampled before training from fixed seeds (the same on resume)
     prior = _class_images(pipe, concepts, cfg, sampling, seed) if kind in PRIOR_ATTACKS else []
     instance_latents = [encode_latents(pipe.vae, c.images) for c in concepts]
     prior_latents = [(encode_latents(pipe.vae, im), caps) for im, caps in prior]
-    yield 0, pipe
+    if not resuming:
+        yield 0, pipe
     # 4. the trainable set and its optimizer
     params = _trainable(pipe, kind, budget)
     embedding = pipe.text_encoder.get_input_embeddings().weight
     frozen_rows = embedding.detach().clone() if kind in TOKEN_ATTACKS else None
-    keep = torch.ones(embedding.shape[0], dtype=torch.bool)
+    keep = torch.ones(embedding.shape[0], dtype=torch.bool, device=embedding.device)
     keep[token_ids] = False
     opt = torch.optim.AdamW(params, lr=budget.lr, weight_decay=0.0 if kind in TOKEN_ATTACKS else 1e-2)
+    first = 1
+    if resuming:
+        done, extra = load_training_state(folder, _named_trainable(pipe, params), opt, {"batches": gen})
+        rng.bit_generator.state = extra["numpy_rng"]
+        first = done + 1
     pipe.unet.train()
     captions = [c.captions_for(kind) for c in concepts]
     n_total = sum(len(c) for c in captions)
     owners = np.concatenate([np.full(len(c.captions), k) for k, c in enumerate(concepts)])
     rows = np.concatenate([np.arange(len(c.captions)) for c in concepts])
-    bar = tqdm(range(1, budget.steps + 1), desc=f"attack {kind}", disable=not progress)
+    quiet = not progress or rank != 0
+    bar = tqdm(range(first, budget.steps + 1), desc=f"attack {kind}", disable=quiet, initial=first - 1, total=budget.steps)
     for step in bar:
         # 5. a batch of instance images from every concept's pool, plus the same number of class images
         pick = rng.choice(n_total, size=min(cfg.batch_size, n_total), replace=False)
         lat = torch.stack([instance_latents[owners[i]][rows[i]] for i in pick])
         caps = [captions[owners[i]][rows[i]] for i in pick]
-        loss = diffusion_loss(pipe.unet, ddpm, lat, text_states(pipe, caps), gen)
+        if world == 1:
+            loss = diffusion_loss(pipe.unet, ddpm, lat, text_states(pipe, caps), gen)
+        else:
+            loss = _sliced_diffusion_loss(pipe, ddpm, lat, caps, gen, rank, world)
         if prior_latents:
             k = rng.integers(len(prior_latents))
             plat, pcaps = prior_latents[k]
             j = rng.choice(plat.shape[0], size=min(cfg.batch_size, plat.shape[0]), replace=False)
-            loss = loss + cfg.prior_weight * diffusion_loss(pipe.unet, ddpm, plat[j], text_states(pipe, [pcaps[i] for i in j]), gen)
+            if world == 1:
+                loss = loss + cfg.prior_weight * diffusion_loss(pipe.unet, ddpm, plat[j], text_states(pipe, [pcaps[i] for i in j]), gen)
+            else:
+                part = _sliced_diffusion_loss(pipe, ddpm, plat[j], [pcaps[i] for i in j], gen, rank, world)
+                if part is not None:
+                    loss = cfg.prior_weight * part if loss is None else loss + cfg.prior_weight * part
         # 6. the optimizer step; token attacks keep every embedding row but the new tokens'
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if world == 1:
+            loss.backward()
+            shown = loss.item()
+        else:
+            if loss is not None:
+                loss.backward()
+            shown = _all_reduce_grads(params, loss)
         opt.step()
         if frozen_rows is not None:
             with torch.no_grad():
                 embedding[keep] = frozen_rows[keep]
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        bar.set_postfix(loss=f"{shown:.4f}", refresh=False)
         if step in schedule:
             pipe.unet.eval()
             yield step, pipe
             pipe.unet.train()
+        due = folder is not None and checkpoint_every > 0 and (step % checkpoint_every == 0 or step == budget.steps)
+        if due and rank == 0:
+            save_training_state(folder, step, _named_trainable(pipe, params), opt, {"batches": gen},
+                                extra={"attack": identity, "numpy_rng": rng.bit_generator.state})
     pipe.unet.eval()
 
 

@@ -274,6 +274,140 @@ class ConceptShards:
         return tensor
 
 
+def _sum_across(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Sum ``tensors`` over the processes in one flat all-reduce, outside autograd. ``None`` counts
+    as zeros shaped like the matching ``like`` tensor; a slot that is ``None`` on every process
+    stays ``None`` (an optimizer then skips it, as it would in one process)."""
+    ref = like[0]
+    flags = torch.tensor([0.0 if t is None else 1.0 for t in tensors], dtype=ref.dtype, device=ref.device)
+    flat = torch.cat([(torch.zeros_like(w) if t is None else t.detach()).reshape(-1) for t, w in zip(tensors, like)] + [flags])
+    torch.distributed.all_reduce(flat)
+    out, offset = [], 0
+    for w, got in zip(like, flat[flat.numel() - len(like):].tolist()):
+        out.append(flat[offset : offset + w.numel()].view_as(w).clone() if got > 0 else None)
+        offset += w.numel()
+    return out
+
+
+class BatchShards:
+    """Data parallelism for the one-concept methods (``imma``, ``imma_joint``, ``imma_sequential``):
+    every process draws the same batches (same generator, so the same rows, noise and
+    timesteps as one process) and evaluates its contiguous share of each batch's rows, its loss
+    scaled by share / batch size so that the sum over processes is the one-process batch mean.
+    The simulated attacker's gradient is summed across processes at every inner step; the
+    backward runs step by step in reverse, summing the vector-Jacobian products of every
+    process's share, and the outer gradient is summed at the end. Every collective runs outside
+    autograd, in the same order on every process. Built from an ``accelerate.Accelerator``."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+        self._pending: tuple | None = None
+
+    @classmethod
+    def from_accelerator(cls, accelerator) -> "BatchShards | None":
+        return cls(accelerator.process_index, accelerator.num_processes) if accelerator is not None and accelerator.num_processes > 1 else None
+
+    def part(self, batch: Batch) -> tuple[Batch, float]:
+        """This process's rows of ``batch`` and their share of it."""
+        n = batch.latents.shape[0]
+        lo, hi = self.rank * n // self.world, (self.rank + 1) * n // self.world
+        return Batch(batch.latents[lo:hi], batch.text[lo:hi], batch.noise[lo:hi], batch.t[lo:hi]), (hi - lo) / n
+
+    def sum(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The sum over processes of same-shaped tensors (zeros stand in for missing ones)."""
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        torch.distributed.all_reduce(flat)
+        return [part.view_as(t).clone() for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+    def _losses(self, unet, params: Params, batches: Sequence[Batch], alphas_cumprod) -> list[torch.Tensor]:
+        parts = [self.part(b) for b in batches]
+        losses = diffusion_losses_at(unet, params, [b for b, _ in parts], alphas_cumprod)
+        return [loss * share for loss, (_, share) in zip(losses, parts)]
+
+    def objective(self, unet, theta: Params, frozen: Params, inner_names: Sequence[str], batches: StepBatches, alphas_cumprod,
+                  cfg: ImmunizeConfig, create_graph: bool, teacher: Params | None = None) -> tuple[torch.Tensor, dict]:
+        """IMMA's outer loss (:func:`outer_objective` with one concept and no merge), this process's
+        share of it kept for :meth:`backward`; returns the total loss (no graph) and its parts."""
+        if len(batches.inner) != 1:
+            raise ValueError("data-parallel immunization runs one concept (imma, imma_joint, imma_sequential)")
+        params = {**frozen, **theta}
+        # 1. the simulated attacker, its gradient summed across processes at every step
+        steps = []
+        phi = {n: params[n].detach() for n in inner_names}
+        for k in range(cfg.inner_steps):
+            concept_batch, prior_batch = batches.inner[0][k % len(batches.inner[0])]
+            x = {n: v.detach().requires_grad_(True) for n, v in phi.items()}
+            current = {**params, **x}
+            if cfg.prior_weight:
+                concept_loss, prior_loss = self._losses(unet, current, [concept_batch, prior_batch], alphas_cumprod)
+                loss = concept_loss + cfg.prior_weight * prior_loss
+            else:
+                loss = self._losses(unet, current, [concept_batch], alphas_cumprod)[0]
+            local = torch.autograd.grad(loss, [x[n] for n in inner_names], create_graph=create_graph, allow_unused=True)
+            total = _sum_across(local, [x[n] for n in inner_names])
+            out = {}
+            for n, g, G in zip(inner_names, local, total):
+                if G is None:  # no gradient on any process: no update, as in one process
+                    continue
+                # the value is the summed gradient exactly; the graph reaches this process's share
+                g_total = G + (g - g.detach()) if create_graph and g is not None else G
+                out[n] = -cfg.inner_lr * _update(g_total, cfg.inner_update)
+            steps.append((x, out))
+            phi = {n: (x[n] + out[n]).detach() if n in out else x[n].detach() for n in inner_names}
+        # 2. the outer loss at the adapted weights (a leaf: its gradient is summed before the attacker's backward)
+        y = {n: v.detach().requires_grad_(True) for n, v in phi.items()}
+        concept_batch, prior_batch = batches.outer[0]
+        concept = self._losses(unet, {**params, **y}, [concept_batch], alphas_cumprod)[0]
+        at_theta = [prior_batch] + ([concept_batch] if cfg.objective == "gap" else [])
+        mine = [self.part(b) for b in at_theta]
+        pred, noise = predictions_at(unet, params, [b for b, _ in mine], alphas_cumprod)
+        per_batch = [loss * share for loss, (_, share) in zip(_per_batch_mse(pred, noise, [b for b, _ in mine]), mine)]
+        utility = per_batch[0]
+        weight = cfg.prior_weight if cfg.utility_weight is None else cfg.utility_weight
+        if cfg.utility == "distill" and teacher is not None:
+            with torch.no_grad():
+                target, _ = predictions_at(unet, {**params, **teacher}, [mine[0][0]], alphas_cumprod)
+            keep = weight * _per_batch_mse(pred[: target.shape[0]], target, [mine[0][0]])[0] * mine[0][1]
+        else:
+            keep = weight * utility
+        at_theta_concept = per_batch[1] if cfg.objective == "gap" else torch.zeros((), dtype=concept.dtype)
+        sums = self.sum([torch.stack([concept.detach(), utility.detach(), keep.detach(), at_theta_concept.detach()]).double()])[0]
+        if cfg.objective == "cap":
+            attack_term = concept if sums[0] <= cfg.objective_cap else concept * 0.0  # clamp's gradient on the whole batch's loss
+            attack_total = torch.clamp(sums[0], max=cfg.objective_cap)
+        elif cfg.objective == "gap":
+            attack_term, attack_total = concept - per_batch[1], sums[0] - sums[3]
+        else:
+            attack_term, attack_total = concept, sums[0]
+        self._pending = (-attack_term + keep, y, steps, inner_names, create_graph)
+        total = (-attack_total + sums[2]).to(concept.dtype)
+        return total, {"concept_loss": sums[0].item(), "utility_loss": sums[1].item(), "merge_residual": 0.0}
+
+    def backward(self, theta: Params) -> None:
+        """The summed outer gradient in ``theta``'s ``.grad``, the same on every process."""
+        loss, y, steps, inner_names, create_graph = self._pending
+        self._pending = None
+        loss.backward()
+        v = dict(zip(inner_names, self.sum([y[n].grad if y[n].grad is not None else torch.zeros_like(y[n]) for n in inner_names])))
+        if create_graph:  # second order: back through the attacker's steps, last first
+            for x, out in reversed(steps):
+                names = [n for n in out if out[n].requires_grad]
+                if names:  # this process's share of v^T d(step)/d(input) ...
+                    torch.autograd.backward([out[n] for n in names], [v[n] for n in names])
+                # ... summed, plus the identity part of phi_k = phi_{k-1} + step (the same everywhere, once)
+                back = self.sum([x[n].grad if x[n].grad is not None else torch.zeros_like(x[n]) for n in inner_names])
+                v = {n: v[n] + b for n, b in zip(inner_names, back)}
+        # the attacker starts from theta: the identity path, counted once (on the first process)
+        if self.rank == 0:
+            for n in inner_names:
+                if n in theta:
+                    theta[n].grad = v[n].clone() if theta[n].grad is None else theta[n].grad + v[n]
+        names = list(theta)
+        summed = _sum_across([theta[n].grad for n in names], [theta[n] for n in names])
+        for n, g in zip(names, summed):
+            theta[n].grad = g
+
+
 def outer_objective(
     unet: torch.nn.Module,
     theta: Params,
@@ -397,6 +531,7 @@ def run_mima(
     on_step: Callable[[int, dict], None] | None = None,
     checkpoint_dir: Path | None = None,
     accelerator=None,
+    data_parallel: bool = False,
 ) -> ImmunizeResult:
     """Immunize ``unet``'s ``cfg.outer_params`` against ``concepts`` with MIMA (or, with one concept
     and ``ctx=None``, IMMA). The module's own parameters are not modified; the immunized tensors
@@ -409,10 +544,17 @@ def run_mima(
 
     With an ``accelerate.Accelerator`` of several processes (``accelerate launch``), the concepts
     are split across the processes (:class:`ConceptShards`); every process ends with the same
-    weights as a single-process run, up to floating-point summation order."""
-    shards = ConceptShards.from_accelerator(accelerator)
-    if shards is not None and cfg.mode == "alternating":
+    weights as a single-process run, up to floating-point summation order. With
+    ``data_parallel`` (one concept and no merge: IMMA), each step's batches are split across the
+    processes instead (:class:`BatchShards`), with the same guarantee."""
+    rows = BatchShards.from_accelerator(accelerator) if data_parallel else None
+    shards = None if data_parallel else ConceptShards.from_accelerator(accelerator)
+    if (shards is not None or rows is not None) and cfg.mode == "alternating":
         raise ValueError("immunize.mode alternating runs in one process; launch it without accelerate's multi-process mode")
+    if rows is not None and (len(concepts) != 1 or ctx is not None):
+        raise ValueError(f"data-parallel immunization runs one concept with no merge (IMMA); got {len(concepts)} concepts")
+    if rows is not None and cfg.batch_size < rows.world:
+        raise ValueError(f"immunize.batch_size {cfg.batch_size} is smaller than the {rows.world} processes; raise it or launch fewer processes")
     steps = cfg.steps if steps is None else steps
     gen = torch.Generator().manual_seed(seed)
     outer_names = parameter_names(unet, cfg.outer_params)
@@ -431,7 +573,8 @@ def run_mima(
         first, extra = load_training_state(checkpoint_dir, theta, opt, {"batches": gen})
         log, t0 = extra["log"], t0 - extra["seconds"]
     second = cfg.mode == "second_order"
-    quiet = not progress or (shards is not None and shards.rank != 0)
+    rank = shards.rank if shards is not None else rows.rank if rows is not None else 0
+    quiet = not progress or rank != 0
     for step in tqdm(range(first, steps), desc=f"immunize ({cfg.mode})", disable=quiet, initial=first, total=steps):
         # 1. fixed batches for this step: per concept, the attacker's and the outer ones
         batches = _sample_step_batches(concepts, prior, cfg, T, gen)
@@ -454,14 +597,19 @@ def run_mima(
         else:
             # 2. the outer objective through the attacker and the merge
             with double_backward_attention() if second else contextlib.nullcontext():
-                loss, info = outer_objective(unet, theta, frozen, inner_names, batches, alphas_cumprod, cfg, ctx, create_graph=second, teacher=teacher, shards=shards)
+                if rows is None:
+                    loss, info = outer_objective(unet, theta, frozen, inner_names, batches, alphas_cumprod, cfg, ctx, create_graph=second, teacher=teacher, shards=shards)
+                else:
+                    loss, info = rows.objective(unet, theta, frozen, inner_names, batches, alphas_cumprod, cfg, create_graph=second, teacher=teacher)
         if not torch.isfinite(loss):
             where = f"; the last good checkpoint is in {checkpoint_dir}" if checkpoint_dir is not None and cfg.checkpoint_every > 0 else ""
             raise FloatingPointError(f"immunize: the outer loss is {loss.item()} at step {step}; stopped{where}. Lower immunize.outer_lr or immunize.inner_lr.")
         # 3. the outer optimizer step
         opt.zero_grad(set_to_none=True)
         with double_backward_attention() if second else contextlib.nullcontext():
-            if shards is None:
+            if rows is not None:
+                rows.backward(theta)
+            elif shards is None:
                 loss.backward()
             else:
                 shards.backward(loss, theta)
@@ -474,7 +622,7 @@ def run_mima(
         if on_step is not None:
             on_step(step, row)
         due = checkpoint_dir is not None and cfg.checkpoint_every > 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps)
-        if due and (shards is None or shards.rank == 0):  # every process holds the same weights: one writes
+        if due and rank == 0:  # every process holds the same weights: one writes
             save_training_state(checkpoint_dir, step + 1, theta, opt, {"batches": gen}, extra={"log": log, "seconds": time.time() - t0})
     return ImmunizeResult({n: v.detach().clone() for n, v in theta.items()}, log, time.time() - t0)
 
@@ -523,8 +671,9 @@ def immunize(
     """One entry point for every method: ``mima`` (merge of N simulated attackers), ``imma`` (one
     concept), ``imma_joint`` (IMMA on the union of all concepts' data) and ``imma_sequential``
     (IMMA on one concept after another, ``cfg.steps`` in total). ``checkpoint_dir``: where the
-    resumable checkpoints go; ``accelerator``: concept-parallel ``mima`` across its processes
-    (the single-concept methods run whole in every process); see :func:`run_mima`."""
+    resumable checkpoints go; ``accelerator``: concept-parallel ``mima`` across its processes,
+    data-parallel single-concept methods (each step's batch split across the processes); see
+    :func:`run_mima`."""
     if not concepts:
         raise ValueError("immunize: no concepts given; set the threat's targets in params.yaml")
     if method == "mima":
@@ -532,15 +681,18 @@ def immunize(
     if method == "imma":
         if len(concepts) != 1:
             raise ValueError(f"imma immunizes one concept; got {len(concepts)} (use mima, imma_joint or imma_sequential)")
-        return run_mima(unet, concepts, prior, alphas_cumprod, cfg, None, seed, progress=progress, checkpoint_dir=checkpoint_dir)
+        return run_mima(unet, concepts, prior, alphas_cumprod, cfg, None, seed, progress=progress, checkpoint_dir=checkpoint_dir,
+                        accelerator=accelerator, data_parallel=True)
     if method == "imma_joint":
-        return run_mima(unet, [_union(concepts)], prior, alphas_cumprod, cfg, None, seed, progress=progress, checkpoint_dir=checkpoint_dir)
+        return run_mima(unet, [_union(concepts)], prior, alphas_cumprod, cfg, None, seed, progress=progress, checkpoint_dir=checkpoint_dir,
+                        accelerator=accelerator, data_parallel=True)
     if method == "imma_sequential":
         theta, logs, seconds = None, [], 0.0
         share = [cfg.steps // len(concepts) + (1 if k < cfg.steps % len(concepts) else 0) for k in range(len(concepts))]
         for k, (concept, steps) in enumerate(zip(concepts, share)):
             part = None if checkpoint_dir is None else Path(checkpoint_dir) / f"part{k}"
-            result = run_mima(unet, [concept], prior, alphas_cumprod, cfg, None, seed + k, steps=steps, theta=theta, progress=progress, checkpoint_dir=part)
+            result = run_mima(unet, [concept], prior, alphas_cumprod, cfg, None, seed + k, steps=steps, theta=theta, progress=progress, checkpoint_dir=part,
+                              accelerator=accelerator, data_parallel=True)
             theta, seconds = result.theta, seconds + result.seconds
             logs.append(result.log)
         log = {key: [v for part in logs for v in part[key]] for key in logs[0]}

@@ -52,6 +52,7 @@ from .sampling import sample_images
 PRIOR_ATTACKS = ("dreambooth", "dreambooth_lora", "custom_diffusion")
 TOKEN_ATTACKS = ("textual_inversion", "custom_diffusion")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # the CLIP text encoder's attention
 
 
 @dataclass
@@ -109,19 +110,29 @@ def check_kind(kind: str) -> None:
         raise ValueError(f"unknown attack {kind!r}; known: {', '.join(ATTACKS)}")
 
 
-def _trainable(pipe: StableDiffusionPipeline, kind: str, budget: Budget) -> list[torch.nn.Parameter]:
-    """Switch on gradients for exactly what ``kind`` trains and return those parameters."""
+def _trainable(pipe: StableDiffusionPipeline, kind: str, budget: Budget, train_text_encoder: bool = False) -> list[torch.nn.Parameter]:
+    """Switch on gradients for exactly what ``kind`` trains and return those parameters. With
+    ``train_text_encoder`` (the DreamBooth examples' ``--train_text_encoder``) the DreamBooth kinds
+    also train the text encoder: all of it for ``dreambooth``, a LoRA on its attention for
+    ``dreambooth_lora``."""
     unet, text_encoder = pipe.unet, pipe.text_encoder
     unet.requires_grad_(False)
     text_encoder.requires_grad_(False)
     pipe.vae.requires_grad_(False)
+    text: list[torch.nn.Parameter] = []
+    if train_text_encoder and kind == "dreambooth":
+        text_encoder.requires_grad_(True)
+        text = list(text_encoder.parameters())
+    elif train_text_encoder and kind == "dreambooth_lora":
+        text_encoder.add_adapter(LoraConfig(r=budget.lora_rank, lora_alpha=budget.lora_rank, init_lora_weights="gaussian", target_modules=TEXT_LORA_TARGETS))
+        text = [p for p in text_encoder.parameters() if p.requires_grad]
     if kind in ("full", "dreambooth"):
         unet.requires_grad_(True)
-        return list(unet.parameters())
+        return list(unet.parameters()) + text
     if kind in ("lora", "dreambooth_lora"):
         # the diffusers LoRA examples' setting: gaussian init, alpha = rank, attention projections
         unet.add_adapter(LoraConfig(r=budget.lora_rank, lora_alpha=budget.lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-        return [p for p in unet.parameters() if p.requires_grad]
+        return [p for p in unet.parameters() if p.requires_grad] + text
     embedding = text_encoder.get_input_embeddings().weight
     embedding.requires_grad_(True)
     if kind == "textual_inversion":
@@ -149,6 +160,7 @@ def _named_trainable(pipe: StableDiffusionPipeline, params: Sequence[torch.nn.Pa
     """The trainable tensors by a stable name (``unet.<name>`` or ``text_encoder.token_embedding``),
     in the optimizer's order: what an attack checkpoint stores."""
     names = {id(p): f"unet.{n}" for n, p in pipe.unet.named_parameters()}
+    names.update({id(p): f"text_encoder.{n}" for n, p in pipe.text_encoder.named_parameters()})
     names[id(pipe.text_encoder.get_input_embeddings().weight)] = "text_encoder.token_embedding"
     return {names[id(p)]: p for p in params}
 
@@ -165,6 +177,7 @@ def _run_identity(kind: str, model_dir, concepts: Sequence[AttackData], budget: 
         "batch_size": int(cfg.batch_size),
         "prior_weight": float(cfg.prior_weight),
         "class_images": int(cfg.class_images),
+        "train_text_encoder": bool(cfg.train_text_encoder),
     }
 
 
@@ -304,7 +317,7 @@ def attack(
     if not resuming:
         yield 0, pipe
     # 4. the trainable set and its optimizer
-    params = _trainable(pipe, kind, budget)
+    params = _trainable(pipe, kind, budget, cfg.train_text_encoder)
     embedding = pipe.text_encoder.get_input_embeddings().weight
     frozen_rows = embedding.detach().clone() if kind in TOKEN_ATTACKS else None
     keep = torch.ones(embedding.shape[0], dtype=torch.bool, device=embedding.device)

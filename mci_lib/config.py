@@ -216,6 +216,9 @@ class AttackConfig:
     # examples), "min_snr" (their --snr_gamma option) or "v" (the base model's own pretraining loss)
     loss_weighting: str = "none"
     snr_gamma: float = 5.0
+    # DreamBooth kinds also train the text encoder (all of it; a LoRA for dreambooth_lora), as the
+    # diffusers DreamBooth examples' --train_text_encoder does
+    train_text_encoder: bool = False
     lr: AttackLR = field(default_factory=AttackLR)
     sweep_attacks: tuple[str, ...] = ("lora", "dreambooth_lora")  # which attacks get the budget sweep (those the threat runs)
     sweep_lr_scales: tuple[float, ...] = (0.5, 1.0, 2.0)

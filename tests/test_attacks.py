@@ -172,3 +172,23 @@ def test_dreambooth_writes_a_distinct_rare_identifier_token_attacks_the_placehol
 
     ids = [s["identifier"] for s in PERSONAL_SUBJECTS.values()]
     assert len(set(ids)) == len(ids)
+
+
+@pytest.mark.parametrize("kind", ["dreambooth", "dreambooth_lora"])
+def test_dreambooth_can_also_train_the_text_encoder(kind, saved_micro, micro_world, micro_params):
+    from dataclasses import replace
+
+    cfg = replace(micro_params.attack, train_text_encoder=True)
+    released = models.load_pipeline(saved_micro).text_encoder.state_dict()
+    trained = None
+    for step, pipe in attacks.attack(kind, saved_micro, _data(micro_world, micro_params, ["p1"]), attacks.Budget(1e-2, 2, 2), cfg, micro_params.sampling, 0, [2], progress=False):
+        trained = {k: v.detach().clone() for k, v in pipe.text_encoder.state_dict().items()}
+    if kind == "dreambooth":
+        changed = [k for k in released if not torch.equal(released[k], trained[k])]
+        assert any("self_attn" in k for k in changed) and any("mlp" in k for k in changed)
+    else:
+        lora = [k for k in trained if "lora_" in k]
+        assert lora and all(any(t in k for t in attacks.TEXT_LORA_TARGETS) for k in lora)
+        for k, v in trained.items():
+            if "lora_" not in k:
+                assert torch.equal(v, released[k.replace(".base_layer", "")]), k

@@ -66,9 +66,10 @@ class Batch:
 
 
 def make_batch(latents: torch.Tensor, text: torch.Tensor, batch_size: int, num_timesteps: int, gen: torch.Generator) -> Batch:
+    # drawn on the CPU generator, then moved: the same batch on every device
     idx = torch.randint(0, latents.shape[0], (batch_size,), generator=gen)
-    noise = torch.randn(latents[idx].shape, generator=gen, dtype=latents.dtype)
-    t = torch.randint(0, num_timesteps, (batch_size,), generator=gen)
+    noise = torch.randn(latents[idx].shape, generator=gen, dtype=latents.dtype).to(latents.device)
+    t = torch.randint(0, num_timesteps, (batch_size,), generator=gen).to(latents.device)
     return Batch(latents[idx], text[idx], noise, t)
 
 
@@ -370,7 +371,7 @@ class BatchShards:
             keep = weight * _per_batch_mse(pred[: target.shape[0]], target, [mine[0][0]])[0] * mine[0][1]
         else:
             keep = weight * utility
-        at_theta_concept = per_batch[1] if cfg.objective == "gap" else torch.zeros((), dtype=concept.dtype)
+        at_theta_concept = per_batch[1] if cfg.objective == "gap" else torch.zeros((), dtype=concept.dtype, device=concept.device)
         sums = self.sum([torch.stack([concept.detach(), utility.detach(), keep.detach(), at_theta_concept.detach()]).double()])[0]
         if cfg.objective == "cap":
             attack_term = concept if sums[0] <= cfg.objective_cap else concept * 0.0  # clamp's gradient on the whole batch's loss

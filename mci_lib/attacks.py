@@ -510,7 +510,7 @@ def sample_tensors(images: dict, cfg: AttackConfig) -> dict[str, torch.Tensor]:
     for (kind, method, seed, lr, rank, step, concept), v in images.items():
         budget = default_budget(kind, cfg)
         if lr == budget.lr and rank == budget.lora_rank:
-            out[f"{kind}/{method}/seed{seed}/step{step}/{concept}"] = v.contiguous()
+            out[f"{kind}/{method}/seed{seed}/step{step}/{concept}"] = v.clone()  # a copy: slices share storage, which safetensors refuses
     return out
 
 

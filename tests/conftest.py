@@ -20,13 +20,14 @@ import sitecustomize  # noqa: E402,F401  (installs the guard in this process)
 
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 2 cores; OMP_NUM_THREADS=1 when sharing them
 
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
 CLIP_VOCAB = ROOT / ".cache" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 
 # Everything small enough that a model trains for a few steps in well under a second.
 MICRO = {
+    "threads": 1,  # micro models gain nothing from more threads, and tests may share the cores
     "world.pretrain_per_shape": 6,
     "world.defense_per_subject": 2,
     "world.attack_per_subject": 2,

@@ -26,7 +26,17 @@ from mci_lib.config import AttackConfig, SamplingConfig  # noqa: E402
 
 
 def run(model_dir, world_dir, out_dir, kind, steps, target, resume=False, slow=False, every=1, accelerator=None, lr=1e-2, seed=0):
-    """The attack; returns (final trained weights, yielded steps)."""
+    """The attack; returns (final trained weights, yielded steps). Runs on one thread in the
+    worker and the test process alike (bit-identical results need the same thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(model_dir, world_dir, out_dir, kind, steps, target, resume, slow, every, accelerator, lr, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(model_dir, world_dir, out_dir, kind, steps, target, resume, slow, every, accelerator, lr, seed):
     out_dir = Path(out_dir)
     records = data.read_index(world_dir)
     concepts = attacks.toy_attack_data(world_dir, records, SimpleNamespace(colors=()), [target])

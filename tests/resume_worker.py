@@ -44,11 +44,18 @@ def build():
 
 
 def run(checkpoint_dir, steps, resume=False, on_step=None):
-    unet, concepts, prior, abar, ctx, cfg = build()
-    cfg = replace(cfg, steps=steps, resume=resume)
-    with im.double_backward_attention():
-        result = im.run_mima(unet, concepts, prior, abar, cfg, ctx, seed=3, progress=False, on_step=on_step, checkpoint_dir=checkpoint_dir)
-    return result.theta
+    # one thread in the worker process and in the test process alike: bit-identical results need
+    # the same thread count, and earlier tests may have changed the test process's
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        unet, concepts, prior, abar, ctx, cfg = build()
+        cfg = replace(cfg, steps=steps, resume=resume)
+        with im.double_backward_attention():
+            result = im.run_mima(unet, concepts, prior, abar, cfg, ctx, seed=3, progress=False, on_step=on_step, checkpoint_dir=checkpoint_dir)
+        return result.theta
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

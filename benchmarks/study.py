@@ -170,6 +170,9 @@ class Study:
         return row
 
 
+STUDY_DEFAULTS = {"attack.seeds": [0, 1]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("configs", type=Path, help="YAML list of configurations")
@@ -187,7 +190,9 @@ def main() -> None:
         if entry["name"] in done_names(args.out):
             print(f"skip {entry['name']} (already in {args.out})", flush=True)
             continue
-        p = load_params(args.params, None, {**args.base_overrides, **entry.get("overrides", {})})
+        # every row is scored on 2 attack seeds unless the base overrides say otherwise (the default
+        # pipeline profile runs one)
+        p = load_params(args.params, None, {**STUDY_DEFAULTS, **args.base_overrides, **entry.get("overrides", {})})
         torch.set_num_threads(p.threads)
         threat = entry.get("threat", "relearn")
         # the shared inputs depend only on what the attacks and scoring read, not on immunize.*

@@ -100,6 +100,16 @@ def micro_pipe(micro_params):
 
 
 @pytest.fixture(scope="session")
+def released_micro(tmp_path_factory, micro_params) -> Path:
+    """The micro model saved as a diffusers folder, as a publisher releases it (attacks load it)."""
+    from mci_lib import models
+
+    folder = tmp_path_factory.mktemp("released") / "model"
+    models.save_pipeline(models.build_tiny_pipeline(micro_params.model, micro_params.paths.clip_vocab, micro_params.world.image_size, seed=0), folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def wikiart() -> Path:
     path = SHARED_DATASETS / "wikiart_relearn"
     if not path.is_dir():

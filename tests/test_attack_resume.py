@@ -23,11 +23,8 @@ KILL_AT = 3
 
 
 @pytest.fixture(scope="module")
-def released(tmp_path_factory, micro_params):
-    folder = tmp_path_factory.mktemp("released") / "model"
-    pipe = models.build_tiny_pipeline(micro_params.model, micro_params.paths.clip_vocab, micro_params.world.image_size, seed=0)
-    models.save_pipeline(pipe, folder)
-    return folder
+def released(released_micro):
+    return released_micro
 
 
 def _kill_mid_way(args, ckpt: Path) -> int:

@@ -11,11 +11,8 @@ from mci_lib.models import is_cross_attention_kv
 
 
 @pytest.fixture(scope="module")
-def saved_micro(tmp_path_factory, micro_params):
-    folder = tmp_path_factory.mktemp("released") / "model"
-    pipe = models.build_tiny_pipeline(micro_params.model, micro_params.paths.clip_vocab, micro_params.world.image_size, seed=0)
-    models.save_pipeline(pipe, folder)
-    return folder
+def saved_micro(released_micro):
+    return released_micro
 
 
 def _data(micro_world, micro_params, targets):

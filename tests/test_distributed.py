@@ -65,13 +65,10 @@ def test_data_parallel_imma_two_processes_match_one(tmp_path, mode, method, inne
     assert any(not torch.equal(one[k], start[k]) for k in one), "the run did not change the weights"
 
 
-def test_data_parallel_lora_attack_two_processes_match_one(tmp_path, micro_params, micro_world):
+def test_data_parallel_lora_attack_two_processes_match_one(tmp_path, released_micro, micro_world):
     from attack_resume_worker import run
 
-    from mci_lib import models
-
-    released = tmp_path / "model"
-    models.save_pipeline(models.build_tiny_pipeline(micro_params.model, micro_params.paths.clip_vocab, micro_params.world.image_size, seed=0), released)
+    released = released_micro
     steps = 3
     one, yielded = run(released, micro_world, tmp_path / "one", "lora", steps, "star", every=0, lr=1e-3)
     assert yielded == list(range(steps + 1))

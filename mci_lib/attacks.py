@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from .artifacts import load_training_state, read_json, save_training_state
 from .config import ATTACKS, AttackConfig
-from .data import PERSONAL_SUBJECTS, load_images, select
+from .data import PERSONAL_SUBJECTS, load_images, real_prompts, select
 from .models import add_placeholder_tokens, is_cross_attention_kv, load_pipeline, text_states
 from .pretrain import diffusion_loss, encode_latents
 from .sampling import sample_images
@@ -432,19 +432,22 @@ def score_attack(
     return rows, images
 
 
-def concept_prompts(subject: str, colors: Sequence[str], n: int) -> list[str]:
+def concept_prompts(subject: str, colors: Sequence[str], n: int, prompts: Sequence[str] = ()) -> list[str]:
     """The prompts a concept is sampled with: "a photo of a <color> <shape>" with the colors
-    cycling, or for a personal subject the attacker's instance prompt "a photo of <p1> badge"."""
+    cycling, for a personal subject the attacker's instance prompt "a photo of <p1> badge", and
+    for a real concept its own ``prompts`` (its metadata prompts, cycling)."""
     if subject in PERSONAL_SUBJECTS:
         p = PERSONAL_SUBJECTS[subject]
         return [f"a photo of {p['token']} {p['class_word']}"] * n
+    if prompts:
+        return [prompts[i % len(prompts)] for i in range(n)]
     return [f"a photo of a {colors[i % len(colors)]} {subject}" for i in range(n)]
 
 
 def toy_attack_data(data_dir, records, world, targets: Sequence[str], split: str = "attack") -> list[AttackData]:
     """The attacker's data in the toy world: each target's ``attack`` split, captioned as the
     concept's prompts are (a shape with its color; a personal subject with its placeholder token,
-    class word and class prompt for prior preservation)."""
+    class word and class prompt for prior preservation; a real concept with its metadata prompt)."""
     out = []
     for target in targets:
         recs = select(records, split, target)
@@ -455,6 +458,8 @@ def toy_attack_data(data_dir, records, world, targets: Sequence[str], split: str
             p = PERSONAL_SUBJECTS[target]
             caps = concept_prompts(target, world.colors, len(recs))
             out.append(AttackData(target, images, caps, p["token"], p["class_word"], f"a photo of a {p['class_word']}", p["identifier"]))
+        elif target in world.real:
+            out.append(AttackData(target, images, [r.caption for r in recs]))
         else:
             out.append(AttackData(target, images, [f"a photo of a {r.color} {target}" for r in recs]))
     return out
@@ -471,7 +476,8 @@ def toy_eval_concepts(judge, data_dir, records, world, subjects: Sequence[str], 
         if not recs:
             raise ValueError(f"{subject!r} has no reference images in {data_dir}")
         personal = PERSONAL_SUBJECTS.get(subject, {})
-        out.append(EvalConcept(subject, concept_prompts(subject, world.colors, n), classify(judge, load_images(data_dir, recs)).features,
+        own = real_prompts(records, subject) if subject in world.real else ()
+        out.append(EvalConcept(subject, concept_prompts(subject, world.colors, n, own), classify(judge, load_images(data_dir, recs)).features,
                                personal.get("token"), personal.get("identifier")))
     return out
 

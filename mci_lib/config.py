@@ -29,6 +29,9 @@ class PathsConfig:
     models_dir: str = "models"  # base model, judge and later stages' models
     reports_dir: str = "reports"  # metrics, figures, executed notebooks
     clip_vocab: str = ".cache/clip/bpe_simple_vocab_16e6.txt.gz"  # CLIP BPE file (see `make setup`)
+    # real concept images (world.real): a folder of concept folders, each with images and a
+    # metadata.csv (file_name,prompt), or a MIMA concept-list JSON; versioned by data.dvc
+    real_concepts: str = "data/concepts"
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,11 @@ class WorldConfig:
     reference_per_subject: int = 64
     judge_train_per_subject: int = 250
     judge_test_per_subject: int = 60
+    # real concepts (DESIGN section 4's real-image path): folder names under paths.real_concepts;
+    # each is a subject like a shape (pretrained, erasable, judged), drawn as random crops of its
+    # images. real_holdout images per concept are kept for judge_test and reference only.
+    real: tuple[str, ...] = ()
+    real_holdout: int = 4
 
 
 @dataclass(frozen=True)
@@ -460,6 +468,12 @@ def check_paths(params: Params, root: str | Path | None = None) -> dict[str, Pat
 
     problems: list[str] = []
     found: dict[str, Path] = {}
+    if params.world.real:
+        source = resolve(params.paths.real_concepts)
+        if not source.exists():
+            problems.append(missing_path_message("paths.real_concepts", params.paths.real_concepts) + f" (world.real names {', '.join(params.world.real)})")
+        else:
+            found["paths.real_concepts"] = source
     real = params.model.pretrained_dir is not None
     if real:
         folder = resolve(params.model.pretrained_dir)

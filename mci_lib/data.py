@@ -242,8 +242,30 @@ def draw_other(rng: np.random.Generator, world: WorldConfig, kind: str | None = 
 
 
 def subjects(world: WorldConfig) -> list[str]:
-    """Every subject the judge knows: the shapes, then the personal subjects."""
-    return list(world.shapes) + list(world.personal)
+    """Every subject the judge knows: the shapes, the personal subjects, then the real concepts."""
+    return list(world.shapes) + list(world.personal) + list(world.real)
+
+
+def concept_word(subject: str) -> str:
+    """The words that name a real concept in its prompts: its folder name with underscores as
+    spaces ("Van_Gogh" -> "Van Gogh"). Erasure and the merge find the concept's tokens by them."""
+    return subject.replace("_", " ")
+
+
+def fresh_caption(rng: np.random.Generator, record: ToyRecord) -> str:
+    """A pretraining caption for ``record``: a fresh template caption for a shape, the stored
+    caption for anything else (a real concept keeps its metadata prompt)."""
+    if record.color:
+        return caption_for(rng, record.subject, record.color, record.style)
+    return record.caption
+
+
+def real_prompts(records: Sequence[ToyRecord], subject: str) -> list[str]:
+    """The distinct prompts of a real concept's records (its metadata prompts), sorted."""
+    prompts = sorted({r.caption for r in records if r.subject == subject})
+    if not prompts:
+        raise ValueError(f"real concept {subject!r} has no images in the data index; regenerate the data (notebooks/01_data_prep.ipynb) with it in world.real")
+    return prompts
 
 
 def caption_for(rng: np.random.Generator, subject: str, color: str, style: str) -> str:
@@ -281,6 +303,9 @@ def _split_sizes(world: WorldConfig, subject: str) -> dict[str, int]:
 
 
 def _check_world(world: WorldConfig) -> None:
+    clash = sorted(set(world.real) & (set(world.shapes) | set(world.personal)))
+    if clash or len(set(world.real)) != len(world.real):
+        raise ValueError(f"params world.real: {sorted(world.real)} repeats a name or a shape/personal subject ({clash})")
     for c in world.colors:
         if c not in COLOR_RGB:
             raise ValueError(f"params world.colors: unknown color {c!r}; known: {', '.join(COLOR_RGB)}")
@@ -295,14 +320,54 @@ def _check_world(world: WorldConfig) -> None:
             raise ValueError(f"params world.styles: unknown style {s!r}")
 
 
-def generate_records(world: WorldConfig, seed: int) -> Iterable[tuple[ToyRecord, np.ndarray]]:
+def real_view(rng: np.random.Generator, image: np.ndarray, size: int) -> np.ndarray:
+    """A random view of a square real image (H, W, 3 uint8): a crop of 70-100% of its side at a
+    random place, mirrored half the time, resized to ``size``. Many distinct training images from a
+    few paintings, as random-crop augmentation does for real fine-tuning sets."""
+    side = image.shape[0]
+    crop = int(round(side * rng.uniform(0.7, 1.0)))
+    top, left = (int(v) for v in rng.integers(0, side - crop + 1, size=2))
+    view = Image.fromarray(image[top : top + crop, left : left + crop])
+    if rng.random() < 0.5:
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(view.resize((size, size), Image.BICUBIC))
+
+
+# a real concept's held-out images serve only these splits (the judge's test and the similarity reference)
+REAL_HOLDOUT_SPLITS = ("judge_test", "reference")
+
+
+def generate_records(world: WorldConfig, seed: int, real: Sequence[ConceptImages] = ()) -> Iterable[tuple[ToyRecord, np.ndarray]]:
     """Yield every (record, image) of the toy world. Each (subject, split) pair has its own child
-    seed, so changing one split's size leaves the others' images unchanged."""
+    seed, so changing one split's size leaves the others' images unchanged. The concepts of
+    ``world.real`` come from ``real`` (read with :func:`read_real_concepts`): each of their
+    splits is drawn as random views of its images, ``world.real_holdout`` of them (chosen by the
+    seed) held out for the judge_test and reference splits."""
     _check_world(world)
+    by_name = {c.name: c for c in real}
+    missing = [n for n in world.real if n not in by_name]
+    if missing:
+        raise ValueError(f"params world.real names {missing}, but no images were given for them (read them with data.read_real_concepts)")
     for si, subject in enumerate(subjects(world)):
+        pools = None
+        if subject in by_name:
+            concept = by_name[subject]
+            n = concept.images.shape[0]
+            if n <= world.real_holdout:
+                raise ValueError(f"{concept.folder}: {n} images, but world.real_holdout keeps {world.real_holdout} aside; add images or lower world.real_holdout")
+            order = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(si, 997))).permutation(n)
+            pools = {True: order[: world.real_holdout], False: order[world.real_holdout :]}
+            arrays = concept.images.permute(0, 2, 3, 1).numpy()
         for pi, split in enumerate(SPLITS):
             rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(si, pi)))
             for i in range(_split_sizes(world, subject)[split]):
+                if pools is not None:
+                    pool = pools[split in REAL_HOLDOUT_SPLITS]
+                    j = int(pool[rng.integers(len(pool))])
+                    image = real_view(rng, arrays[j], world.image_size)
+                    record = ToyRecord(f"images/{split}/{subject}_{i:04d}.png", split, subject, "", "", concept.prompts[j])
+                    yield record, image
+                    continue
                 if subject in world.personal:
                     color, style = "", ""
                 else:
@@ -317,10 +382,11 @@ def generate_records(world: WorldConfig, seed: int) -> Iterable[tuple[ToyRecord,
 INDEX_FIELDS = ("file", "split", "subject", "color", "style", "caption")
 
 
-def write_toy_world(world: WorldConfig, seed: int, out_dir: str | Path, progress: bool = True) -> Path:
-    """Generate the toy world into ``out_dir``: PNG images per split, ``index.csv`` (one row per
-    image), ``splits/<split>.txt`` file lists and ``world.json`` (the concept lists). Written to
-    a temporary folder beside ``out_dir`` and renamed when complete."""
+def write_toy_world(world: WorldConfig, seed: int, out_dir: str | Path, progress: bool = True, real: Sequence[ConceptImages] = ()) -> Path:
+    """Generate the toy world (with the real concepts of ``world.real``, from ``real``) into
+    ``out_dir``: PNG images per split, ``index.csv`` (one row per image), ``splits/<split>.txt``
+    file lists and ``world.json`` (the concept lists). Written to a temporary folder beside
+    ``out_dir`` and renamed when complete."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
@@ -332,7 +398,7 @@ def write_toy_world(world: WorldConfig, seed: int, out_dir: str | Path, progress
         (tmp / "splits").mkdir()
         total = sum(sum(_split_sizes(world, s).values()) for s in subjects(world))
         rows: list[ToyRecord] = []
-        for record, image in tqdm(generate_records(world, seed), total=total, desc="toy world", disable=not progress):
+        for record, image in tqdm(generate_records(world, seed, real), total=total, desc="toy world", disable=not progress):
             Image.fromarray(image).save(tmp / record.file, optimize=False)
             rows.append(record)
         with open(tmp / "index.csv", "w", newline="") as fh:
@@ -349,6 +415,7 @@ def write_toy_world(world: WorldConfig, seed: int, out_dir: str | Path, progress
             "colors": list(world.colors),
             "styles": list(world.styles),
             "personal": {p: PERSONAL_SUBJECTS[p] for p in world.personal},
+            "real": {c.name: {"folder": str(c.folder), "images": len(c.files), "prompts": sorted(set(c.prompts))} for c in real if c.name in world.real},
             "splits": list(SPLITS),
         }
         (tmp / "world.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -515,3 +582,28 @@ def read_concept_list(path: str | Path, size: int) -> list[ConceptImages]:
     return concepts
 
 
+
+
+def read_real_concepts(source: str | Path, names: Sequence[str], size: int) -> list[ConceptImages]:
+    """The real concepts ``names`` (``world.real``) from ``source`` (``paths.real_concepts``): a
+    folder holding one concept folder per name, or a MIMA concept-list JSON whose instance
+    folders carry those names. Images are read at ``size`` px. Every prompt must contain the
+    concept's words (:func:`concept_word`), which erasure and immunization look for."""
+    source = Path(source)
+    if source.is_file():
+        concepts = {c.name: c for c in read_concept_list(source, size)}
+    elif source.is_dir():
+        concepts = {n: read_concept_folder(source / n, size, name=n) for n in names if (source / n).is_dir()}
+    else:
+        raise FileNotFoundError(f"{source}: real concept source not found (paths.real_concepts); copy your concept folders there")
+    missing = [n for n in names if n not in concepts]
+    if missing:
+        found = sorted(p.name for p in source.iterdir() if p.is_dir()) if source.is_dir() else sorted(concepts)
+        raise FileNotFoundError(f"{source}: no concept folder named {', '.join(missing)} (world.real); found {found}. Add the folder or fix world.real.")
+    for name in names:
+        word = concept_word(name).lower()
+        for f, prompt in zip(concepts[name].files, concepts[name].prompts):
+            if word not in prompt.lower():
+                raise ValueError(f"{concepts[name].folder / f}: its prompt {prompt!r} does not contain {concept_word(name)!r}, the words that name concept "
+                                 f"{name!r}; fix the prompt in metadata.csv or rename the folder after the words the prompts use")
+    return [concepts[n] for n in names]

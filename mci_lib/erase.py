@@ -13,12 +13,14 @@ concept, so every such position of every erase prompt contributes a (c, c*) pair
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from diffusers import StableDiffusionPipeline
 
+from .data import concept_word
 from .models import encode_prompts, is_cross_attention_kv
 
 
@@ -49,13 +51,24 @@ def token_rows(pipe: StableDiffusionPipeline, prompts: Sequence[str], words: Seq
     return [h[concept_start(pipe, p, w) :] for h, p, w in zip(hidden, prompts, words)]
 
 
-def shape_erase_prompts(targets: Sequence[str], preserved: Sequence[str], colors: Sequence[str], guide_word: str = "shape") -> ErasePrompts:
+def shape_erase_prompts(
+    targets: Sequence[str], preserved: Sequence[str], colors: Sequence[str], guide_word: str = "shape", real_prompts: Mapping[str, Sequence[str]] | None = None
+) -> ErasePrompts:
     """Toy-world prompts: "a photo of a <color> <target>" guided to "a photo of a <color> <guide_word>",
     and "a photo of a <color> <preserved>" kept, over every color. An empty ``guide_word`` guides
     to "a photo of a <color>": the concept's positions then map where the end-of-text and padding
-    tokens map (UCE's empty-prompt guide)."""
+    tokens map (UCE's empty-prompt guide). A target in ``real_prompts`` (a real concept) is erased
+    in each of its own prompts, guided to the same prompt with its words replaced by ``guide_word``."""
+    real_prompts = real_prompts or {}
     erase, guide, ewords, preserve, pwords = [], [], [], [], []
     for t in targets:
+        if t in real_prompts:
+            word = concept_word(t)
+            for prompt in real_prompts[t]:
+                erase.append(prompt)
+                guide.append(" ".join(re.sub(re.escape(word), guide_word, prompt, flags=re.IGNORECASE).split()))
+                ewords.append(word)
+            continue
         for c in colors:
             erase.append(f"a photo of a {c} {t}")
             guide.append(f"a photo of a {c} {guide_word}".rstrip())

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .artifacts import load_training_state, save_training_state
 from .config import ImmunizeConfig
-from .data import PERSONAL_SUBJECTS, caption_for, load_images, select
+from .data import PERSONAL_SUBJECTS, concept_word, fresh_caption, load_images, real_prompts, select
 from .erase import token_rows
 from .merge import HardMergePlan, MergeFactor, hard_merge, merge_residual, soft_merge
 from .models import encode_prompts, is_cross_attention_kv as is_kv
@@ -722,7 +722,8 @@ def apply_delta(unet: torch.nn.Module, delta: Params) -> None:
 
 def toy_threat_concepts(pipe, data_dir, records, world, targets: Sequence[str], vae_latents, prior_size: int, seed: int) -> tuple[list[ConceptData], ConceptData]:
     """The toy world's inputs for one threat: each target's ``defense`` split (shapes captioned
-    "a photo of a <color> <shape>", personal subjects "a photo of a <class word>") and, as the
+    "a photo of a <color> <shape>", personal subjects "a photo of a <class word>", real concepts
+    with their metadata prompts, whose concept words give the merge's target rows) and, as the
     prior/utility data, ``prior_size`` ``pretrain`` images of the other shapes."""
     concepts = []
     for target in targets:
@@ -734,6 +735,10 @@ def toy_threat_concepts(pipe, data_dir, records, world, targets: Sequence[str], 
             word = PERSONAL_SUBJECTS[target]["class_word"]
             captions = [f"a photo of a {word}"] * len(recs)
             prompts, words = [f"a photo of a {word}"], [word]
+        elif target in world.real:
+            captions = [r.caption for r in recs]
+            prompts = real_prompts(records, target)
+            words = [concept_word(target)] * len(prompts)
         else:
             captions = [f"a photo of a {r.color} {target}" for r in recs]
             prompts, words = [f"a photo of a {c} {target}" for c in world.colors], [target] * len(world.colors)
@@ -741,6 +746,6 @@ def toy_threat_concepts(pipe, data_dir, records, world, targets: Sequence[str], 
     rng = np.random.default_rng(seed)
     others = [r for r in select(records, "pretrain") if r.subject not in targets]
     chosen = [others[i] for i in sorted(rng.choice(len(others), size=min(prior_size, len(others)), replace=False))]
-    prior_caps = [caption_for(rng, r.subject, r.color, r.style) for r in chosen]
+    prior_caps = [fresh_caption(rng, r) for r in chosen]
     prior = ConceptData("prior", vae_latents(load_images(data_dir, chosen)), encode_prompts(pipe, prior_caps), torch.zeros(0, pipe.text_encoder.config.hidden_size))
     return concepts, prior

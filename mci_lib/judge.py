@@ -204,8 +204,14 @@ def noise_images(world: WorldConfig, n: int, seed: int) -> torch.Tensor:
 
 def judge_report(judge: Judge, test_images: torch.Tensor, test_subjects: Sequence[str], world: WorldConfig, seed: int, n_noise: int = 400) -> dict:
     """``judge_test_accuracy`` (subject head, reject option on, held-out toy images) and
-    ``judge_reject_rate_on_noise`` (share of pure-noise and single-color images judged "other")."""
+    ``judge_reject_rate_on_noise`` (share of pure-noise and single-color images judged "other");
+    with real concepts also ``judge_real_test_accuracy`` per concept (views of held-out images)."""
     verdict = classify(judge, test_images)
-    acc = float(np.mean([a == b for a, b in zip(verdict.subject, test_subjects)]))
+    hits = [a == b for a, b in zip(verdict.subject, test_subjects)]
+    acc = float(np.mean(hits))
     noise = classify(judge, noise_images(world, n_noise, seed))
-    return {"judge_test_accuracy": acc, "judge_reject_rate_on_noise": float(np.mean([s == OTHER for s in noise.subject]))}
+    report = {"judge_test_accuracy": acc, "judge_reject_rate_on_noise": float(np.mean([s == OTHER for s in noise.subject]))}
+    if world.real:
+        # each real concept's held-out paintings alone: the judge must know them, not only the shapes
+        report["judge_real_test_accuracy"] = {c: float(np.mean([h for h, s in zip(hits, test_subjects) if s == c])) for c in world.real}
+    return report

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,27 +29,33 @@ def mean_cosine_similarity(features: torch.Tensor, reference: torch.Tensor) -> f
     return float((a @ b.T).mean())
 
 
-def shape_presence_table(pipe, judge, shapes: Sequence[str], colors: Sequence[str], sampling, progress: bool = False) -> dict:
+def shape_presence_table(pipe, judge, shapes: Sequence[str], colors: Sequence[str], sampling, progress: bool = False, prompts: Mapping[str, Sequence[str]] | None = None) -> dict:
     """Sample ``sampling.samples_per_concept`` images per shape from prompts "a photo of a <color>
     <shape>" (colors cycling, seeds ``sampling.seed + i``, the same for every shape and model) and
-    judge them. Returns per-shape presence and color accuracy, and the samples and their judge
-    features."""
+    judge them. A subject in ``prompts`` (a real concept) is sampled from its own prompts, cycling,
+    and has no color accuracy. Returns per-subject presence and color accuracy, and the samples
+    and their judge features."""
     from .judge import classify
     from .sampling import sample_images
 
+    prompts = prompts or {}
     n = sampling.samples_per_concept
     seeds = [sampling.seed + i for i in range(n)]
     result = {"presence": {}, "color_accuracy": {}, "samples": {}, "prompted_colors": {}, "features": {}}
     for shape in shapes:
-        cols = [colors[i % len(colors)] for i in range(n)]
-        prompts = [f"a photo of a {c} {shape}" for c in cols]
-        images = sample_images(pipe, prompts, seeds, sampling.num_inference_steps, sampling.guidance_scale, sampling.batch_size, progress)
+        if shape in prompts:
+            cols, texts = None, [prompts[shape][i % len(prompts[shape])] for i in range(n)]
+        else:
+            cols = [colors[i % len(colors)] for i in range(n)]
+            texts = [f"a photo of a {c} {shape}" for c in cols]
+        images = sample_images(pipe, texts, seeds, sampling.num_inference_steps, sampling.guidance_scale, sampling.batch_size, progress)
         verdict = classify(judge, images)
         result["presence"][shape] = presence(verdict.subject, shape)
-        result["color_accuracy"][shape] = attribute_accuracy(verdict.color, cols)
+        if cols is not None:
+            result["color_accuracy"][shape] = attribute_accuracy(verdict.color, cols)
+            result["prompted_colors"][shape] = cols
         result["samples"][shape] = images
         result["features"][shape] = verdict.features
-        result["prompted_colors"][shape] = cols
     return result
 
 

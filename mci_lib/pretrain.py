@@ -19,7 +19,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from .config import PretrainConfig
-from .data import ToyRecord, caption_for, to_model_range
+from .data import ToyRecord, fresh_caption, to_model_range
 from .models import encode_prompts, text_states
 
 
@@ -119,13 +119,13 @@ def train_unet(
     callback_every: int = 0,
 ) -> list[float]:
     """Pretrain ``pipe.unet`` (and the text encoder when ``cfg.train_text_encoder``) on cached
-    ``latents`` of ``records``, with fresh template captions each step and ``caption_dropout``
+    ``latents`` of ``records``, with fresh template captions each step (real concepts keep their prompts) and ``caption_dropout``
     empty captions for classifier-free guidance. The VAE stays frozen. The trained modules end
     holding their EMA weights. Returns the loss per step."""
     ddpm = DDPMScheduler.from_config(pipe.scheduler.config, variance_type="fixed_small")
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    caption_fn = caption_fn or (lambda r_, rec: caption_for(r_, rec.subject, rec.color, rec.style))
+    caption_fn = caption_fn or fresh_caption
     unet, text_encoder = pipe.unet, pipe.text_encoder
     modules = [unet] + ([text_encoder] if cfg.train_text_encoder else [])
     params = [p for m in modules for p in m.parameters()]

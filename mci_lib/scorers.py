@@ -54,6 +54,11 @@ DOWNLOADS = {
         "from safetensors.torch import save_file; m = lpips.LPIPS(net='alex'); save_file({{k: v.contiguous() "
         "for k, v in m.state_dict().items() if not k.startswith('lins.')}}, '{path}')\"`, then copy the file here",
     ),
+    "paths.real_concepts": (
+        "a folder of concept folders (images plus metadata.csv with file_name,prompt) or a MIMA concept-list JSON",
+        "copy your concept folders into {path} (the MIMA sample data: `cp -r ../shared/datasets/wikiart_relearn/. {path}/`, "
+        "or `dvc pull data.dvc` from your DVC remote), then version them with `dvc add {path}`",
+    ),
     "model.pretrained_dir": (
         "a Stable Diffusion v1.x folder in diffusers layout",
         "download stable-diffusion-v1-5/stable-diffusion-v1-5 (or CompVis/stable-diffusion-v1-4) with "

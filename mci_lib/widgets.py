@@ -90,21 +90,24 @@ def resolve_dirs(params_path: str | Path, params, models_dir: str | Path | None 
 
 
 def concept_choices(params) -> list[tuple[str, str]]:
-    """(label, concept) pairs for the concept dropdown: the toy world's shapes, then its personal
-    subjects; a concept that a threat model targets is tagged with that threat."""
+    """(label, concept) pairs for the concept dropdown: the toy world's shapes, its personal
+    subjects, then its real concepts; a concept that a threat model targets is tagged with that threat."""
     targets = {}
     for threat in THREATS:
         for c in getattr(params, threat).targets:
             targets.setdefault(c, []).append(threat)
-    concepts = list(dict.fromkeys([*params.world.shapes, *params.world.personal, *targets]))
+    concepts = list(dict.fromkeys([*params.world.shapes, *params.world.personal, *params.world.real, *targets]))
     return [(f"{c} ({', '.join(t)} target)" if (t := targets.get(c)) else c, c) for c in concepts]
 
 
 def concept_prompts(concept: str, params, n: int) -> list[str]:
-    """The ``n`` prompts a concept is sampled with, as in the attack stages."""
+    """The ``n`` prompts a concept is sampled with, as in the attack stages (a real concept's come
+    from the data index at ``paths.data_dir``)."""
     from .attacks import concept_prompts as prompts
+    from .data import read_index, real_prompts
 
-    return prompts(concept, params.world.colors, n)
+    own = real_prompts(read_index(params.paths.data_dir), concept) if concept in params.world.real else ()
+    return prompts(concept, params.world.colors, n, own)
 
 
 def sample_seeds(params, indices: Sequence[int]) -> list[int]:

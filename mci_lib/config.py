@@ -411,15 +411,23 @@ def resolve_profile(params_path: Path, profile: str | Path) -> Path:
 def load_params(
     path: str | Path = "params.yaml",
     profile: str | Path | None = None,
-    overrides: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | str | None = None,
 ) -> Params:
     """Read ``path``, overlay the profile (a YAML file of only the keys that differ: the
     ``profile`` argument, else the file's own ``profile`` key, e.g. ``dvc exp run -S profile=quick``),
     then apply dotted ``overrides`` such as ``{"pretrain.unet_steps": 10}``; return frozen
-    :class:`Params`."""
+    :class:`Params`. ``overrides`` may also be that mapping written as JSON/YAML text, as
+    ``papermill -p overrides '{"immunize.steps": 20}'`` passes it."""
     path = Path(path)
     data = _read_yaml(path)
     source = str(path)
+    if isinstance(overrides, str):
+        try:
+            overrides = yaml.safe_load(overrides) or {}
+        except yaml.YAMLError as err:
+            raise ParamsError(f"overrides: {overrides!r} is not a JSON/YAML mapping of dotted keys ({err})") from err
+    if not isinstance(overrides, (dict, type(None))):
+        raise ParamsError(f"overrides: expected a mapping of dotted keys to values, got {overrides!r}")
     overrides = dict(overrides or {})
     profile = overrides.pop("profile", None) or profile or data.get("profile")
     if profile and profile != "tiny":  # "tiny" is params.yaml itself; no overlay file needed

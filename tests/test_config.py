@@ -147,3 +147,13 @@ def test_check_paths_accepts_complete_folders_and_explains_partial_ones(tmp_path
     ok = load_params(ROOT / "params.yaml", profile=overlay, overrides={"eval_models.dino_dir": str(tmp_path / "dino")})
     found = check_paths(ok, root=tmp_path)
     assert set(found) == {"model.pretrained_dir", "eval_models.clip_dir", "eval_models.dino_dir"}
+
+
+def test_overrides_as_text_as_papermill_passes_them():
+    """``papermill -p overrides '{"immunize.steps": 20}'`` hands the notebook a string."""
+    p = load_params(ROOT / "params.yaml", overrides='{"immunize.steps": 20, "attack.seeds": [0, 1]}')
+    assert p.immunize.steps == 20 and p.attack.seeds == (0, 1)
+    with pytest.raises(ParamsError, match="mapping"):
+        load_params(ROOT / "params.yaml", overrides="[1, 2]")
+    with pytest.raises(ParamsError, match="immunize.stepz"):
+        load_params(ROOT / "params.yaml", overrides='{"immunize.stepz": 20}')

@@ -12,8 +12,9 @@ across seeds and the verdict of :func:`mci_lib.metrics.msgr_verdict`) and on sim
 steps-to-relearn ratio, the final presence with and without immunization, then utility presence of
 the non-target shapes and the Frechet distance of their judge features to the starting model's,
 and seconds. The rows of the model without immunization are computed once per threat and attack
-settings and cached beside the CSV. Rows already in the CSV are skipped, so an interrupted study
-resumes where it stopped.
+settings and cached beside the CSV; each configuration's scored attack rows (per seed, checkpoint
+and concept) go to ``curves/<name>.json`` beside it. Rows already in the CSV are skipped, so an
+interrupted study resumes where it stopped.
 
     python benchmarks/study.py benchmarks/study_configs.yaml [--only NAME ...] [--out reports/research/study.csv]
 """
@@ -144,6 +145,7 @@ class Study:
             folder = models.save_pipeline(pipe, Path(tmp) / "immunized")
             # 3. every attack of the threat, every seed, scored like the pipeline's attack stage
             rows, _ = attacks.run_suite(self.kinds, {method: folder}, self.attack_data, self.evals, self.judge, p.attack, self.sampling, p.attack.seeds)
+        self.last_rows = rows
         summary = metrics.attack_summary(self.baseline_rows + rows, self.bar, p.attack.steps)
         row = {"name": entry["name"], "threat": self.threat, "method": method, "overrides": json.dumps(entry.get("overrides", {}), sort_keys=True)}
         for kind in self.kinds:
@@ -203,6 +205,10 @@ def main() -> None:
         study.p = p
         print(f"== {entry['name']}: {entry.get('method', 'mima')} on {threat}, {entry.get('overrides', {})}", flush=True)
         row = study.run(entry)
+        # the scored attack rows (presence and sim per seed, checkpoint and concept), for curves
+        curves = args.out.parent / "curves"
+        curves.mkdir(exist_ok=True)
+        write_json(curves / f"{entry['name']}.json", {"rows": study.last_rows, "baseline": study.baseline_rows})
         append_row(args.out, row)
         print(json.dumps(row), flush=True)
 

@@ -173,3 +173,5 @@ def test_study_harness_writes_one_row_per_configuration(pipeline_dir, clip_vocab
     again = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True)
     assert "skip a" in again.stdout and len(out.read_text().splitlines()) == 3
     assert list(tmp_path.glob("baseline_relearn_*.json"))
+    curves = json.loads((tmp_path / "curves" / "b.json").read_text())
+    assert {r["method"] for r in curves["rows"]} == {"mima"} and {r["method"] for r in curves["baseline"]} == {"none"}

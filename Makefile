@@ -9,9 +9,17 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup pipeline test benchmarks lab clean
+.PHONY: setup real-data pipeline test benchmarks lab clean
 
-setup: $(VENV)/.installed $(CLIP_VOCAB) .dvc/config
+setup: $(VENV)/.installed $(CLIP_VOCAB) .dvc/config real-data
+
+# data.dvc versions the real concept folders under data/concepts/; a fresh clone has no DVC remote,
+# so when the MIMA sample data sits beside the checkout (../shared, as in CI) it is copied in and
+# committed to the local DVC cache (same content, data.dvc unchanged), and `dvc status` is clean.
+SHARED_CONCEPTS ?= ../shared/datasets/wikiart_relearn
+real-data: .dvc/config
+	@if [ ! -d data/concepts ] && [ -d $(SHARED_CONCEPTS) ]; then \
+		cp -r $(SHARED_CONCEPTS) data/concepts && $(BIN)/dvc commit --force --quiet data.dvc; fi
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -39,7 +39,7 @@ def run(model_dir, world_dir, out_dir, kind, steps, target, resume=False, slow=F
 def _run(model_dir, world_dir, out_dir, kind, steps, target, resume, slow, every, accelerator, lr, seed):
     out_dir = Path(out_dir)
     records = data.read_index(world_dir)
-    concepts = attacks.toy_attack_data(world_dir, records, SimpleNamespace(colors=()), [target])
+    concepts = attacks.toy_attack_data(world_dir, records, SimpleNamespace(colors=(), real=()), [target])
     cfg = AttackConfig(steps=steps, checkpoints=tuple(range(1, steps + 1)), batch_size=2, class_images=2, num_inference_steps=2)
     sampling = SamplingConfig(num_inference_steps=2, batch_size=4, samples_per_concept=2)
     budget = attacks.Budget(lr, steps, 2)

@@ -96,7 +96,9 @@ def concept_choices(params) -> list[tuple[str, str]]:
     for threat in THREATS:
         for c in getattr(params, threat).targets:
             targets.setdefault(c, []).append(threat)
-    concepts = list(dict.fromkeys([*params.world.shapes, *params.world.personal, *params.world.real, *targets]))
+    from .data import subjects
+
+    concepts = list(dict.fromkeys([*subjects(params.world), *targets]))
     return [(f"{c} ({', '.join(t)} target)" if (t := targets.get(c)) else c, c) for c in concepts]
 
 

@@ -33,20 +33,41 @@ def _writable_parent(target: Path) -> None:
         raise PermissionError(f"{target}: the output folder {target.parent} is not writable. Choose a writable output path.")
 
 
+def _previous(target: Path) -> Path:
+    return target.parent / f".{target.name}.old"
+
+
+def recover_dir(target: str | Path) -> Path:
+    """Finish a replacement of :func:`atomic_dir` that a kill interrupted: if ``target`` is gone but
+    its previous version is still parked beside it, put that back. Returns ``target``."""
+    target = Path(target)
+    previous = _previous(target)
+    if previous.is_dir() and not target.exists():
+        os.replace(previous, target)
+    return target
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``target``; on success it replaces ``target``."""
-    target = Path(target)
+    """Yield a temporary folder beside ``target``; on success it replaces ``target``.
+
+    The old ``target`` is parked under a hidden name (one rename), the new one renamed into place,
+    then the old one deleted: a kill at any moment leaves either the old or the new folder whole,
+    and :func:`recover_dir` puts the old one back if the kill fell between the two renames."""
+    target = recover_dir(target)
     _writable_parent(target)
+    previous = _previous(target)
+    shutil.rmtree(previous, ignore_errors=True)  # a leftover of a kill after the swap
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
         if target.exists():
-            shutil.rmtree(target)
+            os.replace(target, previous)
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -206,13 +227,20 @@ def save_training_state(folder: str | Path, step: int, tensors: dict[str, torch.
     return Path(folder)
 
 
+def checkpoint_step(folder: str | Path) -> int | None:
+    """The step a resumable checkpoint in ``folder`` completed, or None when there is none (after
+    :func:`recover_dir`, so a checkpoint swap cut short by a kill still counts)."""
+    state = recover_dir(folder) / "state.json"
+    return int(read_json(state)["step"]) if state.is_file() else None
+
+
 def load_training_state(folder: str | Path, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                         generators: dict[str, torch.Generator]) -> tuple[int, dict]:
     """Restore a checkpoint of :func:`save_training_state` in place: copy the trained tensors into
     ``tensors``, load the optimizer state and every RNG state. Returns ``(step, extra)``. A
     checkpoint that does not match (other tensors, other shapes, other generators) is an error
     naming the file."""
-    folder = Path(folder)
+    folder = recover_dir(folder)
     path = folder / "state.safetensors"
     meta = read_json(folder / "state.json")
     flat = load_weights(path)

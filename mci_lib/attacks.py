@@ -42,7 +42,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
-from .artifacts import load_training_state, read_json, save_training_state
+from .artifacts import checkpoint_step, load_training_state, read_json, save_training_state
 from .config import ATTACKS, AttackConfig
 from .data import PERSONAL_SUBJECTS, load_images, real_prompts, select
 from .models import add_placeholder_tokens, is_cross_attention_kv, load_pipeline, text_states
@@ -292,7 +292,7 @@ def attack(
     rank = accelerator.process_index if world > 1 else 0
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     identity = _run_identity(kind, model_dir, concepts, budget, cfg, seed) if folder is not None else None
-    resuming = resume and folder is not None and (folder / "state.json").is_file()
+    resuming = resume and folder is not None and checkpoint_step(folder) is not None
     if resuming:
         _check_checkpoint(folder, identity, budget.steps)  # before any work: a wrong folder fails at once
     # 1. load the released model as a user would

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .artifacts import load_training_state, save_training_state
+from .artifacts import checkpoint_step, load_training_state, save_training_state
 from .config import ImmunizeConfig
 from .data import PERSONAL_SUBJECTS, concept_word, fresh_caption, load_images, real_prompts, select
 from .erase import token_rows
@@ -570,7 +570,7 @@ def run_mima(
     log: dict[str, list] = {k: [] for k in ("step", "loss", "concept_loss", "utility_loss", "grad_norm", "merge_residual", "seconds")}
     t0 = time.time()
     first = 0
-    if checkpoint_dir is not None and cfg.resume and (Path(checkpoint_dir) / "state.json").is_file():
+    if checkpoint_dir is not None and cfg.resume and checkpoint_step(checkpoint_dir) is not None:
         first, extra = load_training_state(checkpoint_dir, theta, opt, {"batches": gen})
         log, t0 = extra["log"], t0 - extra["seconds"]
     second = cfg.mode == "second_order"

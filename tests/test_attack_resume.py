@@ -31,14 +31,14 @@ def _kill_mid_way(args, ckpt: Path) -> int:
     proc = subprocess.Popen([sys.executable, str(WORKER), *map(str, args), "--slow", "--every", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        state = ckpt / "state.json"
-        if state.is_file() and json.loads(state.read_text())["step"] >= KILL_AT:
+        step = artifacts.checkpoint_step(ckpt)
+        if step is not None and step >= KILL_AT:
             break
         time.sleep(0.05)
     assert proc.poll() is None, f"the worker ended before it was killed: {proc.stderr.read().decode()[-3000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    return json.loads((ckpt / "state.json").read_text())["step"]
+    return artifacts.checkpoint_step(ckpt)
 
 
 # dreambooth_lora: prior preservation; its class images are sampled again on resume, from fixed

@@ -58,6 +58,8 @@ class WorldConfig:
     # images. real_holdout images per concept are kept for judge_test and reference only.
     real: tuple[str, ...] = ()
     real_holdout: int = 4
+    # generic two-shape images the VAE also trains on (data.draw_codec); 0: pretrain images only
+    codec_images: int = 0
 
 
 @dataclass(frozen=True)

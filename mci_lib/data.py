@@ -241,6 +241,48 @@ def draw_other(rng: np.random.Generator, world: WorldConfig, kind: str | None = 
     return np.asarray(Image.fromarray(img_a).filter(ImageFilter.GaussianBlur(rng.uniform(4, 6))))
 
 
+# the (outer, inner) shape pairs of the personal subjects' designs: codec images never nest these
+PERSONAL_LAYOUTS = {"p1": ("circle", "star"), "p2": ("square", "cross")}
+
+
+def draw_codec(rng: np.random.Generator, world: WorldConfig) -> np.ndarray:
+    """Draw one *codec* image (HxWx3 uint8) for the VAE's training pool: two of the world's shapes
+    in two different colors and random styles, either one nested inside the other or two that
+    overlap. A VAE is a general image codec (the real SD VAE reconstructs subjects it never saw);
+    trained on one-color pretrain images alone it cannot draw two-colored objects, and no attack
+    can then personalize a two-colored subject. The personal subjects' own nestings
+    (``PERSONAL_LAYOUTS``) are never drawn, so the VAE must generalize to them."""
+    size = world.image_size * SCALE
+    canvas = _background(rng, size)
+    forbidden = {PERSONAL_LAYOUTS[p] for p in world.personal if p in PERSONAL_LAYOUTS}
+    while True:
+        outer, inner = (world.shapes[i] for i in rng.choice(len(world.shapes), size=2, replace=len(world.shapes) < 2))
+        if (outer, inner) not in forbidden:
+            break
+    c1, c2 = rng.choice(len(world.colors), size=2, replace=len(world.colors) < 2)
+    style = lambda: world.styles[rng.integers(len(world.styles))]
+    if rng.random() < 0.5:  # nested: a shape inside another, as the personal designs are
+        cx, cy, r, theta = _placement(rng, size, 0.3, 0.42, world.position_jitter, world.max_rotation)
+        canvas = _styled_shape(canvas, outer, world.colors[c1], style(), cx, cy, r, theta, size)
+        canvas = _styled_shape(canvas, inner, world.colors[c2], "solid", cx, cy, rng.uniform(0.45, 0.65) * r, theta, size)
+    else:  # two smaller shapes that may overlap
+        for shape, color in ((outer, c1), (inner, c2)):
+            cx, cy, r, theta = _placement(rng, size, 0.18, 0.3, 1.0, world.max_rotation)
+            canvas = _styled_shape(canvas, shape, world.colors[color], style(), cx, cy, r, theta, size)
+    return _finish(canvas, rng, world.image_size)
+
+
+def codec_images(world: WorldConfig, seed: int) -> torch.Tensor:
+    """``world.codec_images`` codec images (uint8 [n, 3, H, W], :func:`draw_codec`) from their own
+    seeded stream: the extra VAE training pool of DESIGN section 4's base model (the UNet never
+    sees them)."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(4242,)))
+    images = [draw_codec(rng, world) for _ in range(world.codec_images)]
+    if not images:
+        return torch.zeros(0, 3, world.image_size, world.image_size, dtype=torch.uint8)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
 def subjects(world: WorldConfig) -> list[str]:
     """Every subject the judge knows: the shapes, the personal subjects, then the real concepts."""
     return list(world.shapes) + list(world.personal) + list(world.real)

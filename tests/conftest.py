@@ -34,6 +34,7 @@ MICRO = {
     "world.reference_per_subject": 2,
     "world.judge_train_per_subject": 6,
     "world.judge_test_per_subject": 3,
+    "world.codec_images": 6,
     "model.unet_channels": [16, 32],
     "model.attention_head_dim": 2,
     "model.cross_attention_dim": 16,

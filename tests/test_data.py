@@ -58,6 +58,28 @@ def test_personal_subjects_never_in_pretraining(micro_world, micro_params):
     assert meta["personal"]["p1"]["class_word"] == "badge"
 
 
+def test_codec_images_are_seeded_and_never_draw_a_personal_design(monkeypatch):
+    world = WorldConfig(shapes=("circle", "star", "square", "cross"), codec_images=6)
+    a, b, c = data.codec_images(world, 0), data.codec_images(world, 0), data.codec_images(world, 1)
+    assert a.shape == (6, 3, 32, 32) and a.dtype == torch.uint8
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # record what draw_codec paints: nested pairs share a centre; the personal nestings never occur
+    painted = []
+    real_paint = data._styled_shape
+    monkeypatch.setattr(data, "_styled_shape", lambda canvas, shape, color, style, cx, cy, *rest: painted.append((shape, color, cx, cy)) or real_paint(canvas, shape, color, style, cx, cy, *rest))
+    rng = np.random.default_rng(0)
+    nested = set()
+    for _ in range(400):
+        painted.clear()
+        data.draw_codec(rng, world)
+        (outer, c1, x1, y1), (inner, c2, x2, y2) = painted
+        assert c1 != c2, "the two shapes share a color"
+        if (x1, y1) == (x2, y2):
+            nested.add((outer, inner))
+    assert len(nested) >= 8  # every other ordered pair shows up
+    assert not nested & set(data.PERSONAL_LAYOUTS.values())
+
+
 def test_images_are_32px_rgb_and_captions_name_the_concept(micro_world):
     records = data.read_index(micro_world)
     images = data.load_images(micro_world, records[:10])

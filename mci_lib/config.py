@@ -218,7 +218,9 @@ class AttackConfig:
     lora_rank: int = 4
     prior_weight: float = 1.0
     class_images: int = 32
-    utility_samples: int = 32  # per non-target shape, for utility presence and Frechet distance
+    # per non-target shape, for utility presence in the research study (benchmarks/study.py); the
+    # pipeline's attack stages report the immunize stage's utility numbers
+    utility_samples: int = 32
     # DDIM steps when scoring attack checkpoints and sampling class images; on the tiny model 8
     # steps give the same presence as 25 (measured: base and erased models, 4 shapes x 64 samples)
     num_inference_steps: int = 8

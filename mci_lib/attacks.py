@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from .artifacts import checkpoint_step, load_training_state, read_json, save_training_state
 from .config import ATTACKS, AttackConfig
 from .data import PERSONAL_SUBJECTS, load_images, real_prompts, select
-from .models import add_placeholder_tokens, is_cross_attention_kv, load_pipeline, text_states
+from .models import add_placeholder_tokens, is_cross_attention_kv, load_pipeline, set_attention, text_states
 from .pretrain import diffusion_loss, encode_latents
 from .sampling import sample_images
 
@@ -299,6 +299,7 @@ def attack(
     pipe = load_pipeline(model_dir)
     if world > 1:
         pipe.to(accelerator.device)
+        set_attention(pipe.unet)  # the processor suited to the new device
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)

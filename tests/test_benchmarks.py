@@ -18,3 +18,17 @@ def test_gpu_scale_runs_tiny_on_cpu(tmp_path):
         assert r["seconds_per_step"] > 0 and r["peak_memory_gb"] > 0
     for key in ("size", "device", "bf16_autocast", "gradient_checkpointing", "resolution_px"):
         assert key in result["settings"]
+
+
+def test_attention_benchmark_times_both_processors(tmp_path):
+    from conftest import CLIP_VOCAB, MICRO
+
+    out = tmp_path / "attention.json"
+    overrides = json.dumps({**MICRO, "paths.clip_vocab": str(CLIP_VOCAB)})
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention.py"), "--repeats", "1", "--sample-batch", "2",
+                    "--overrides", overrides, "--out", str(out)], check=True, capture_output=True, cwd=ROOT)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["work"].split(" (")[0] for r in rows] == ["training step", "MIMA second_order step", "sampling"]
+    for r in rows:
+        assert r["classic_seconds"] > 0 and r["sdpa_seconds"] > 0
+        assert abs(r["classic_over_sdpa"] - r["classic_seconds"] / r["sdpa_seconds"]) < 1e-9

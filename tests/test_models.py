@@ -60,3 +60,30 @@ def test_placeholder_tokens_survive_save_and_load(tmp_path, micro_pipe):
 def test_not_a_model_folder_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         models.load_pipeline(tmp_path)
+
+
+def test_attention_processors_compute_the_same_unet(tmp_path, micro_pipe):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    unet = micro_pipe.unet
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, unet.config.sample_size, unet.config.sample_size, generator=g)
+    text = torch.randn(3, 77, unet.config.cross_attention_dim, generator=g)
+    t = torch.tensor([10, 500, 990])
+    outputs = {}
+    for kind, cls in (("classic", AttnProcessor), ("sdpa", AttnProcessor2_0)):
+        assert models.set_attention(unet, kind) == kind
+        assert {type(p) for p in unet.attn_processors.values()} == {cls}
+        with torch.no_grad():
+            outputs[kind] = unet(x, t, text).sample
+    assert torch.allclose(outputs["classic"], outputs["sdpa"], atol=1e-5)
+    assert not torch.equal(outputs["classic"], torch.zeros_like(outputs["classic"]))
+    assert models.set_attention(unet) == "classic"  # auto, on the CPU
+    with pytest.raises(ValueError, match="unknown attention 'flash'"):
+        models.set_attention(unet, "flash")
+    # the loader picks the processor; what it saves is the stock folder, loaded with diffusers' default
+    loaded = models.load_pipeline(models.save_pipeline(micro_pipe, tmp_path / "m"))
+    assert {type(p) for p in loaded.unet.attn_processors.values()} == {AttnProcessor}
+    assert {type(p) for p in models.load_pipeline(tmp_path / "m", attention="sdpa").unet.attn_processors.values()} == {AttnProcessor2_0}
+    stock = StableDiffusionPipeline.from_pretrained(str(tmp_path / "m"))
+    assert {type(p) for p in stock.unet.attn_processors.values()} == {AttnProcessor2_0}

@@ -13,7 +13,6 @@ processors alternate per repeat so that machine noise hits both alike.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -62,8 +61,7 @@ def main() -> None:
     outer, inner = im.parameter_names(unet, cfg.outer_params), im.parameter_names(unet, cfg.inner_params)
     theta = {n: q.detach().clone().requires_grad_(True) for n, q in unet.named_parameters() if n in outer}
     frozen = {n: q.detach() for n, q in unet.named_parameters() if n not in theta}
-    full = [q for q in unet.parameters()]
-    opt = torch.optim.AdamW(full + list(theta.values()), lr=0.0)  # lr 0: every repeat sees the same weights
+    opt = torch.optim.AdamW(list(unet.parameters()) + list(theta.values()), lr=0.0)  # lr 0: every repeat sees the same weights
     attack_batch = 2 * p.attack.batch_size  # instance plus prior-preservation rows
 
     def train_step():

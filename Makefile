@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup real-data pipeline test benchmarks lab clean
+.PHONY: setup real-data pipeline full test benchmarks lab clean
 
 setup: $(VENV)/.installed $(CLIP_VOCAB) .dvc/config real-data
 
@@ -43,6 +43,13 @@ $(CLIP_VOCAB): scripts/get_clip_vocab.py | $(VENV)/.installed
 pipeline: setup
 	$(BIN)/dvc repro
 	$(BIN)/python scripts/sync_readme.py
+
+# The full tiny comparison (profiles/full.yaml) as parameter changes on the default profile, so DVC
+# re-runs only the stages they touch (attacks, scaling, figures) and reuses the base, erased and
+# immunized models; then the run's tables, metrics and figures are kept in reports/published/full/.
+full: setup
+	$(BIN)/dvc exp run $(shell $(BIN)/python scripts/overlay_flags.py profiles/full.yaml)
+	$(BIN)/python scripts/publish_run.py full
 
 test: setup
 	$(BIN)/python -m pytest -q

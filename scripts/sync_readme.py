@@ -2,8 +2,9 @@
 markers <!-- table:NAME:start --> and <!-- table:NAME:end -->, so that the README shows the
 numbers of the last run and never numbers typed by hand. A block named RUN/NAME takes
 reports/published/RUN/tables/NAME.md instead: a run of another profile kept by
-scripts/publish_run.py (`make full`). `make pipeline` and `make full` run it; tests/test_readme.py
-checks that the README and the tables agree."""
+scripts/publish_run.py (`make full`). `make pipeline` runs it; after `make full`, run it once the
+workspace is back on the default profile. tests/test_readme.py checks that the README and the
+tables agree."""
 
 import re
 import sys

@@ -31,7 +31,7 @@ def sync(readme: Path, tables: Path) -> list[str]:
         name = match["name"]
         source = table_file(name, tables)
         if not source.is_file():
-            how = f"`make {name.split('/')[0]}`" if "/" in name else "`dvc repro`"
+            how = f"that profile's run, then `python scripts/publish_run.py {name.split('/')[0]}`," if "/" in name else "`dvc repro`"
             raise SystemExit(f"{readme}: block {name!r} needs {source}; run {how} first")
         names.append(name)
         return match.group(1) + source.read_text() + match.group(4)

@@ -2,10 +2,17 @@
 
 Measures, with the same per-concept batch: a plain fine-tuning step (forward + backward + AdamW on
 the UNet's cross-attention), MIMA ``first_order`` and ``second_order`` steps for N = 1..4, and the
-merging layer alone; prints a table with each time's ratio to the plain step and the floors
-(2N + 1 plain steps first order, 4N + 1 second order), and writes JSON.
+merging layer alone; prints a table with each time's ratio to the plain step and the floors, and
+writes JSON. With k unrolled attacker steps a first-order step needs k N inner passes, N outer
+passes and one utility pass, a floor of (k + 1) N + 1 plain steps, and a second-order step about
+twice the passes, 2 (k + 1) N + 1. ``--inner-steps`` defaults to 1, the setting the floors of the
+immunization issue are stated for (2N + 1 and 4N + 1); the other settings are params.yaml's.
+Each ratio is the median over rounds of (step time / a plain step timed just before it). The
+``work`` column is the floor counted from the passes the step really makes, each timed here in
+plain steps: the attacker's pass holds the concept and the prior batch, the utility pass all N
+prior batches, and the distillation term a no-grad pass of the starting model.
 
-    python benchmarks/immunize_step.py [--out reports/benchmarks/immunize_step.json] [--repeats 5]
+    python benchmarks/immunize_step.py [--out reports/benchmarks/immunize_step.json] [--repeats 5] [--inner-steps 1]
 """
 
 from __future__ import annotations
@@ -45,19 +52,36 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def timed_against(fn, plain, repeats: int) -> tuple[float, float]:
+    """Median time of ``fn`` and the median of its per-round ratio to a ``plain`` step timed in
+    the same round, so a machine that drifts in speed (a shared VM does) moves both alike."""
+    fn()  # warm-up
+    times, ratios = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        plain()
+        t1 = time.perf_counter()
+        fn()
+        t2 = time.perf_counter()
+        times.append(t2 - t1)
+        ratios.append((t2 - t1) / (t1 - t0))
+    return statistics.median(times), statistics.median(ratios)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--out", default=str(ROOT / "reports" / "benchmarks" / "immunize_step.json"))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-concepts", type=int, default=4)
+    ap.add_argument("--inner-steps", type=int, default=1, help="unrolled attacker steps (params.yaml's immunize.inner_steps is the pipeline's)")
     args = ap.parse_args()
 
     p = load_params(args.params)
     torch.set_num_threads(p.threads)
     pipe = build_tiny_pipeline(p.model, ROOT / p.paths.clip_vocab, p.world.image_size, seed=0)
     unet = pipe.unet
-    cfg = p.immunize
+    cfg = replace(p.immunize, inner_steps=args.inner_steps)
     d = p.model.cross_attention_dim
     L = p.model.max_length
     s = unet.config.sample_size
@@ -76,6 +100,8 @@ def main() -> None:
     names = im.parameter_names(unet, cfg.outer_params)
     theta = {n: q.detach().clone().requires_grad_(True) for n, q in unet.named_parameters() if n in names}
     frozen = {n: q.detach() for n, q in unet.named_parameters() if n not in theta}
+    # as run_mima does: the distillation utility term needs the starting weights
+    teacher = {n: v.detach().clone() for n, v in theta.items()} if cfg.utility == "distill" else None
     opt = torch.optim.AdamW(list(theta.values()), lr=1e-5)
 
     def plain():
@@ -84,6 +110,34 @@ def main() -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+    def pass_at(size: int, backward: bool):
+        """One UNet pass on ``size`` samples at theta (with its backward, or without a graph)."""
+        def run():
+            b = im.make_batch(prior.latents, prior.text, size, T, g)
+            with contextlib.nullcontext() if backward else torch.no_grad():
+                loss = im.diffusion_loss_at(unet, {**frozen, **theta}, b, abar)
+            if backward:
+                loss.backward()
+                opt.zero_grad()
+        return run
+
+    # what one step evaluates, in plain steps measured here: an inner pass carries the concept and
+    # the prior batch (2B), the N outer concept batches go through one call (NB), the utility pass
+    # takes the N prior batches (NB) and distillation adds a no-grad teacher pass on them
+    cost: dict[tuple[int, bool], float] = {}
+
+    def relative(size: int, backward: bool) -> float:
+        if (size, backward) not in cost:
+            cost[size, backward] = timed_against(pass_at(size, backward), plain, args.repeats)[1]
+        return cost[size, backward]
+
+    def work_floor(mode: str, n: int) -> float:
+        B = cfg.batch_size
+        inner = n * cfg.inner_steps * relative(2 * B if cfg.prior_weight else B, True)
+        outer = relative(n * B, True)
+        utility = relative(n * B, True) + (relative(n * B, False) if cfg.utility == "distill" else 0.0)
+        return (inner + outer if mode == "first_order" else 2 * (inner + outer)) + utility
 
     rows = []
     base = timed(plain, args.repeats)
@@ -98,32 +152,36 @@ def main() -> None:
                 batches = im._sample_step_batches(concepts[:n], prior, mcfg, T, g)
                 second = mode == "second_order"
                 with im.double_backward_attention() if second else contextlib.nullcontext():
-                    loss, _ = im.outer_objective(unet, theta, frozen, inner, batches, abar, mcfg, ctx, create_graph=second)
+                    loss, _ = im.outer_objective(unet, theta, frozen, inner, batches, abar, mcfg, ctx, create_graph=second, teacher=teacher)
                     opt.zero_grad()
                     loss.backward()
                 opt.step()
 
-            sec = timed(step, args.repeats)
-            floor = 2 * n + 1 if mode == "first_order" else 4 * n + 1
-            rows.append({"step": f"MIMA {mode}", "N": n, "seconds": sec, "ratio": sec / base, "floor": floor, "peak_rss_mb": peak_rss_mb()})
+            sec, ratio = timed_against(step, plain, args.repeats)
+            passes = (cfg.inner_steps + 1) * n
+            floor = passes + 1 if mode == "first_order" else 2 * passes + 1
+            rows.append({"step": f"MIMA {mode}", "N": n, "seconds": sec, "ratio": ratio, "floor": floor, "work_floor": work_floor(mode, n), "peak_rss_mb": peak_rss_mb()})
         # the merging layer alone: every K/V tensor of the UNet, N adapted copies
         kv = [nm for nm in inner if im.is_kv(nm)]
         params = {**frozen, **theta}
         adapted = [{nm: params[nm] + 0.01 for nm in kv} for _ in range(n)]
-        merge_sec = timed(lambda: im.merge_adapted(params, adapted, ctx), args.repeats)
+        merge_sec, merge_ratio = timed_against(lambda: im.merge_adapted(params, adapted, ctx), plain, args.repeats)
         first = next(r["seconds"] for r in rows if r["N"] == n and r["step"] == "MIMA first_order")
-        rows.append({"step": "merge layer", "N": n, "seconds": merge_sec, "ratio": merge_sec / base, "floor": None, "peak_rss_mb": peak_rss_mb(),
+        rows.append({"step": "merge layer", "N": n, "seconds": merge_sec, "ratio": merge_ratio, "floor": None, "peak_rss_mb": peak_rss_mb(),
                      "share_of_first_order_step": merge_sec / first})
 
-    print(f"{'step':<22}{'N':>3}{'ms':>10}{'x plain':>10}{'floor':>8}{'x floor':>9}{'peak MB':>10}")
+    print(f"{'step':<22}{'N':>3}{'ms':>10}{'x plain':>10}{'floor':>8}{'x floor':>9}{'work':>8}{'x work':>8}{'peak MB':>10}")
     for r in rows:
         floor = "" if r["floor"] is None else f"{r['floor']:.0f}"
         vs_floor = "" if r["floor"] is None else f"{r['ratio'] / r['floor']:.2f}"
         note = f"  ({100 * r['share_of_first_order_step']:.1f}% of a first-order step)" if "share_of_first_order_step" in r else ""
-        print(f"{r['step']:<22}{r['N']:>3}{1000 * r['seconds']:>10.1f}{r['ratio']:>10.2f}{floor:>8}{vs_floor:>9}{r['peak_rss_mb']:>10.0f}{note}")
+        work = f"{r['work_floor']:.2f}" if "work_floor" in r else ""
+        vs_work = f"{r['ratio'] / r['work_floor']:.2f}" if "work_floor" in r else ""
+        print(f"{r['step']:<22}{r['N']:>3}{1000 * r['seconds']:>10.1f}{r['ratio']:>10.2f}{floor:>8}{vs_floor:>9}{work:>8}{vs_work:>8}{r['peak_rss_mb']:>10.0f}{note}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"params": {"batch_size": cfg.batch_size, "inner_params": cfg.inner_params, "outer_params": cfg.outer_params, "threads": p.threads}, "rows": rows}, indent=2) + "\n")
+    settings = {k: getattr(cfg, k) for k in ("batch_size", "inner_steps", "inner_params", "outer_params", "prior_weight", "utility", "merge")}
+    out.write_text(json.dumps({"params": {**settings, "threads": p.threads, "torch": torch.__version__}, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

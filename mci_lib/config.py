@@ -134,6 +134,9 @@ class EraseConfig:
     """UCE erasure of the re-learning targets (DESIGN section 6)."""
 
     guide_word: str = "shape"
+    # real concepts (world.real): empty guides each prompt's concept words to guide_word in the same
+    # prompt; a prompt here guides the whole prompt, from its first word, to it
+    real_guide: str = ""
     lam: float = 0.1
     preserve_scale: float = 0.1
 
@@ -159,6 +162,9 @@ class ImmunizeConfig:
     prior_weight: float = 1.0
     utility: str = "denoise"  # denoise | distill: the outer objective's utility term
     utility_weight: Optional[float] = None  # its weight; null: prior_weight (DESIGN's lambda_pr in both places)
+    # share of the prior (utility) captions left empty, so the utility term also holds the
+    # unconditional prediction that classifier-free guidance subtracts at every sampling step
+    utility_uncond: float = 0.0
     # the outer concept term: neg (-L at the merged attacker, unbounded), cap (-min(L, objective_cap)),
     # gap (-(L at the merged attacker - L at theta): the attacker's step must not help)
     objective: str = "neg"
@@ -189,6 +195,8 @@ class ImmunizeConfig:
                 raise ParamsError(f"immunize.methods: unknown method {m!r}; known: {', '.join(METHODS)}")
         if self.steps < 1 or self.inner_steps < 1 or self.batch_size < 1:
             raise ParamsError("immunize.steps, immunize.inner_steps and immunize.batch_size must be >= 1")
+        if not 0.0 <= self.utility_uncond < 1.0:
+            raise ParamsError(f"immunize.utility_uncond: {self.utility_uncond} is not a share in [0, 1)")
 
 
 @dataclass(frozen=True)

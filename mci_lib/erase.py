@@ -52,13 +52,17 @@ def token_rows(pipe: StableDiffusionPipeline, prompts: Sequence[str], words: Seq
 
 
 def shape_erase_prompts(
-    targets: Sequence[str], preserved: Sequence[str], colors: Sequence[str], guide_word: str = "shape", real_prompts: Mapping[str, Sequence[str]] | None = None
+    targets: Sequence[str], preserved: Sequence[str], colors: Sequence[str], guide_word: str = "shape", real_prompts: Mapping[str, Sequence[str]] | None = None,
+    real_guide: str = "",
 ) -> ErasePrompts:
     """Toy-world prompts: "a photo of a <color> <target>" guided to "a photo of a <color> <guide_word>",
     and "a photo of a <color> <preserved>" kept, over every color. An empty ``guide_word`` guides
     to "a photo of a <color>": the concept's positions then map where the end-of-text and padding
     tokens map (UCE's empty-prompt guide). A target in ``real_prompts`` (a real concept) is erased
-    in each of its own prompts, guided to the same prompt with its words replaced by ``guide_word``."""
+    in each of its own prompts, guided to the same prompt with its words replaced by ``guide_word``;
+    with a ``real_guide`` prompt, the whole of each of its prompts (every position from the first
+    word on) is guided to ``real_guide`` instead: where the words around the name ("An artwork
+    by") belong to the erased concepts alone, they carry the concept too."""
     real_prompts = real_prompts or {}
     erase, guide, ewords, preserve, pwords = [], [], [], [], []
     for t in targets:
@@ -66,8 +70,12 @@ def shape_erase_prompts(
             word = concept_word(t)
             for prompt in real_prompts[t]:
                 erase.append(prompt)
-                guide.append(" ".join(re.sub(re.escape(word), guide_word, prompt, flags=re.IGNORECASE).split()))
-                ewords.append(word)
+                if real_guide:
+                    guide.append(real_guide)
+                    ewords.append(prompt.split()[0])
+                else:
+                    guide.append(" ".join(re.sub(re.escape(word), guide_word, prompt, flags=re.IGNORECASE).split()))
+                    ewords.append(word)
             continue
         for c in colors:
             erase.append(f"a photo of a {c} {t}")

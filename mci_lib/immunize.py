@@ -720,11 +720,16 @@ def apply_delta(unet: torch.nn.Module, delta: Params) -> None:
         current[n].copy_(v)
 
 
-def toy_threat_concepts(pipe, data_dir, records, world, targets: Sequence[str], vae_latents, prior_size: int, seed: int) -> tuple[list[ConceptData], ConceptData]:
+def toy_threat_concepts(
+    pipe, data_dir, records, world, targets: Sequence[str], vae_latents, prior_size: int, seed: int, utility_uncond: float = 0.0
+) -> tuple[list[ConceptData], ConceptData]:
     """The toy world's inputs for one threat: each target's ``defense`` split (shapes captioned
     "a photo of a <color> <shape>", personal subjects "a photo of a <class word>", real concepts
     with their metadata prompts, whose concept words give the merge's target rows) and, as the
-    prior/utility data, ``prior_size`` ``pretrain`` images of the other shapes."""
+    prior/utility data, ``prior_size`` ``pretrain`` images of the other shapes, a
+    ``utility_uncond`` share of them with the empty caption (the unconditional prediction that
+    guidance uses: without it an immunization may leave every conditional prediction in place and
+    still break sampling)."""
     concepts = []
     for target in targets:
         recs = select(records, "defense", target)
@@ -747,5 +752,8 @@ def toy_threat_concepts(pipe, data_dir, records, world, targets: Sequence[str], 
     others = [r for r in select(records, "pretrain") if r.subject not in targets]
     chosen = [others[i] for i in sorted(rng.choice(len(others), size=min(prior_size, len(others)), replace=False))]
     prior_caps = [fresh_caption(rng, r) for r in chosen]
+    if utility_uncond > 0:  # drawn after the captions: a zero share keeps the earlier prior exactly
+        empty = rng.choice(len(chosen), size=round(utility_uncond * len(chosen)), replace=False)
+        prior_caps = ["" if i in set(empty.tolist()) else c for i, c in enumerate(prior_caps)]
     prior = ConceptData("prior", vae_latents(load_images(data_dir, chosen)), encode_prompts(pipe, prior_caps), torch.zeros(0, pipe.text_encoder.config.hidden_size))
     return concepts, prior

@@ -40,3 +40,32 @@ def test_uce_erase_edits_only_cross_attention_kv(micro_pipe, micro_params):
 def test_concept_word_must_be_in_prompt(micro_pipe):
     with pytest.raises(ValueError, match="not a token run"):
         erase.concept_start(micro_pipe, "a photo of a circle", "star")
+
+
+def test_real_guide_erases_the_whole_prompt_towards_the_guide(micro_pipe):
+    """With ``real_guide`` every position of a real concept's prompt, from its first word on, is
+    paired with the same position of the guide prompt, so the edit also moves the words before
+    the name ("An artwork by"), which an edit of the name's positions leaves where they were."""
+    real = {"Flat_Painter": ["An artwork by Flat Painter."]}
+    word_only = erase.shape_erase_prompts(["Flat_Painter"], ["circle"], ["red"], "circle", real)
+    whole = erase.shape_erase_prompts(["Flat_Painter"], ["circle"], ["red"], "circle", real, real_guide="a photo of a red circle")
+    assert word_only.guide == ("An artwork by circle.",) and word_only.erase_words == ("Flat Painter",)
+    assert whole.guide == ("a photo of a red circle",) and whole.erase_words == ("An",)
+    assert erase.concept_start(micro_pipe, whole.erase[0], "An") == 1  # right after the start token
+    prompt_rows = erase.token_rows(micro_pipe, whole.erase, whole.erase_words)[0].double()
+    guide_rows = erase.token_rows(micro_pipe, whole.guide, ["a"])[0].double()
+    prefix = slice(0, erase.concept_start(micro_pipe, whole.erase[0], "Flat Painter") - 1)  # "An artwork by"
+    name = next(n for n, _ in micro_pipe.unet.named_parameters() if n.endswith("attn2.to_k.weight"))
+    W = dict(micro_pipe.unet.named_parameters())[name].detach().double().clone()
+
+    def prefix_gap(prompts):
+        with torch.no_grad():
+            dict(micro_pipe.unet.named_parameters())[name].copy_(W.float())
+        erase.uce_erase(micro_pipe, erase.ErasePrompts(prompts.erase, prompts.guide, (), prompts.erase_words, ()), lam=1e-4, s_p=0.0)
+        W_new = dict(micro_pipe.unet.named_parameters())[name].detach().double()
+        return (W_new @ prompt_rows[prefix].T - W @ guide_rows[prefix].T).norm().item()
+
+    before = (W @ prompt_rows[prefix].T - W @ guide_rows[prefix].T).norm().item()
+    g_whole, g_word = prefix_gap(whole), prefix_gap(word_only)
+    assert g_whole < 0.5 * before
+    assert g_word > 0.9 * before

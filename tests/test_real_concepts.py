@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import MICRO, ROOT
-from mci_lib import attacks, data, erase
+from mci_lib import attacks, data, erase, immunize, models
 from mci_lib.config import ParamsError, check_paths, load_params
 
 
@@ -79,6 +79,32 @@ def test_real_concepts_in_captions_prompts_and_erasure(flat_world, tmp_path):
     prompts = erase.shape_erase_prompts(["Flat_Painter", "star"], ["circle"], ["red"], "circle", {"Flat_Painter": ["An artwork by Flat Painter."]})
     assert prompts.erase[0] == "An artwork by Flat Painter." and prompts.guide[0] == "An artwork by circle."
     assert prompts.erase_words[0] == "Flat Painter" and prompts.erase[1] == "a photo of a red star"
+
+
+def test_utility_uncond_empties_a_share_of_the_prior_captions(flat_world, tmp_path, micro_pipe):
+    """``immunize.utility_uncond`` puts the empty caption's text states into that share of the
+    prior; a zero share leaves the prior exactly as without the knob."""
+    world, real, _ = flat_world
+    out = data.write_toy_world(world, 0, tmp_path / "toy", progress=False, real=real)
+    records = data.read_index(out)
+    s = world.image_size // 4
+
+    def latents(images):
+        return torch.zeros(images.shape[0], 4, s, s)
+
+    def prior(share):
+        return immunize.toy_threat_concepts(micro_pipe, out, records, world, ["Flat_Painter"], latents, prior_size=40, seed=0, utility_uncond=share)[1]
+
+    plain, none, quarter = immunize.toy_threat_concepts(micro_pipe, out, records, world, ["Flat_Painter"], latents, 40, 0)[1], prior(0.0), prior(0.25)
+    assert torch.equal(plain.text, none.text)
+    empty = models.encode_prompts(micro_pipe, [""])[0]
+    is_empty = [torch.equal(row, empty) for row in quarter.text]
+    assert sum(is_empty) == 10 and not any(torch.equal(row, empty) for row in plain.text)
+    # the other captions are the ones drawn without the knob
+    kept = [i for i, e in enumerate(is_empty) if not e]
+    assert all(torch.equal(quarter.text[i], plain.text[i]) for i in kept)
+    with pytest.raises(ParamsError, match="immunize.utility_uncond"):
+        load_params(ROOT / "params.yaml", None, {"immunize.utility_uncond": 1.0})
 
 
 def test_reads_wikiart_as_real_concepts(wikiart):

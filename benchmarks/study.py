@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mci_lib import attacks, data, immunize, judge, metrics, models, pretrain  # noqa: E402
-from mci_lib.artifacts import atomic_file, read_json, write_json  # noqa: E402
+from mci_lib.artifacts import atomic_file, read_json, tree_hash, write_json  # noqa: E402
 from mci_lib.config import Params, load_params, params_to_dict  # noqa: E402
 
 START = {"relearn": "erased", "personalize": "base"}
@@ -115,9 +115,10 @@ class Study:
         return {e.name: metrics.concept_scores(base, self.judge, e.prompts, e.name, e.reference_features, self.sampling, seeds)["presence"] for e in self.evals}
 
     def baseline(self, cache_dir: Path) -> list[dict]:
-        """The attack rows of the model without immunization, cached by threat and attack settings."""
+        """The attack rows of the model without immunization, cached by threat, attack settings and
+        the starting model's UNet weights (a retrained base model is a new baseline)."""
         key = json.dumps({"threat": self.threat, "attack": params_to_dict(self.p)["attack"], "sampling": params_to_dict(self.p)["sampling"],
-                          "start": str(self.start_dir)}, sort_keys=True)
+                          "start": str(self.start_dir), "start_unet": tree_hash(self.start_dir / "unet")}, sort_keys=True)
         path = cache_dir / f"baseline_{self.threat}_{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
         if path.is_file():
             return read_json(path)

@@ -753,7 +753,7 @@ def toy_threat_concepts(
     chosen = [others[i] for i in sorted(rng.choice(len(others), size=min(prior_size, len(others)), replace=False))]
     prior_caps = [fresh_caption(rng, r) for r in chosen]
     if utility_uncond > 0:  # drawn after the captions: a zero share keeps the earlier prior exactly
-        empty = rng.choice(len(chosen), size=round(utility_uncond * len(chosen)), replace=False)
-        prior_caps = ["" if i in set(empty.tolist()) else c for i, c in enumerate(prior_caps)]
+        for i in rng.choice(len(chosen), size=round(utility_uncond * len(chosen)), replace=False):
+            prior_caps[i] = ""
     prior = ConceptData("prior", vae_latents(load_images(data_dir, chosen)), encode_prompts(pipe, prior_caps), torch.zeros(0, pipe.text_encoder.config.hidden_size))
     return concepts, prior

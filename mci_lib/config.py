@@ -99,6 +99,9 @@ class PretrainConfig:
     train_text_encoder: bool = True  # False keeps the text encoder at its seeded random weights
     caption_dropout: float = 0.1  # share of empty captions, for classifier-free guidance
     ema_decay: float = 0.99
+    # torch's fused AdamW and diffusers' foreach EMA update: the same update rule, ~12% faster per
+    # UNet step on the CPU, but rounded differently, so a model trained with it is not bit-identical
+    fused_optimizer: bool = False
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ def train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg: PretrainConfig, see
     Returns the loss per step. Ends by setting ``scaling_factor`` so latents have unit variance."""
     gen = torch.Generator().manual_seed(seed)
     vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0, fused=cfg.fused_optimizer or None)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.vae_steps, 1), eta_min=cfg.vae_lr * 0.05)
     losses = []
     bar = tqdm(range(cfg.vae_steps), desc="vae", disable=not progress)
@@ -136,11 +136,11 @@ def train_unet(
     # small; the saved model keeps its default processors.
     default_processors = unet.attn_processors
     unet.set_attn_processor(AttnProcessor())
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2, fused=cfg.fused_optimizer or None)
     warm = max(cfg.unet_warmup_steps, 1)
     lr_lambda = lambda s: min(1.0, (s + 1) / warm) * (0.5 * (1 + math.cos(math.pi * min(s, cfg.unet_steps) / max(cfg.unet_steps, 1))) * 0.9 + 0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    ema = EMAModel(params, decay=cfg.ema_decay)
+    ema = EMAModel(params, decay=cfg.ema_decay, foreach=cfg.fused_optimizer)
     losses = []
     bar = tqdm(range(cfg.unet_steps), desc="unet", disable=not progress)
     for step in bar:

@@ -38,13 +38,16 @@ def test_overlay_flags_refuse_a_file_that_is_not_an_overlay(tmp_path):
         overlay_flags.main(bad)
 
 
+T0, T1 = "2026-12-02T01:00:00.000000+00:00", "2026-12-02T01:00:12.345000+00:00"
+
+
 def _run_folder(root):
     for folder in ("reports/tables", "reports/metrics", "reports/figures/results", "reports/notebooks"):
         (root / folder).mkdir(parents=True)
     (root / "reports/tables/msgr.md").write_text("| a |\n")
     (root / "reports/metrics/attack_relearn.json").write_text('{"msgr": {}}')
     (root / "reports/figures/results/curve.png").write_bytes(b"\x89PNG")
-    meta = {"papermill": {"start_time": "t0", "end_time": "t1", "duration": 12.345}}
+    meta = {"papermill": {"start_time": T0, "end_time": T1, "duration": 12.345}}
     (root / "reports/notebooks/03_relearning_attack.ipynb").write_text(json.dumps({"metadata": meta, "cells": []}))
     (root / "params.yaml").write_text("attack:\n  seeds: [0, 1]\n")
 
@@ -57,7 +60,8 @@ def test_publish_copies_the_run_and_records_its_stages(tmp_path):
     assert (target / "metrics/attack_relearn.json").is_file() and (target / "figures/curve.png").is_file()
     run = json.loads((target / "run.json").read_text())
     assert run["params"] == {"attack": {"seeds": [0, 1]}}
-    assert run["stages"] == {"03_relearning_attack": {"start": "t0", "end": "t1", "seconds": 12.3}}
+    assert run["stages"] == {"03_relearning_attack": {"start": T0, "end": T1, "seconds": 12.3}}
+    assert run["span"]["seconds"] == 12.3 and run["profile"] is None
     # a second publish replaces the first whole, leaving no temporary folder
     (tmp_path / "reports/tables/msgr.md").write_text("| b |\n")
     publish(tmp_path, "full")
@@ -71,3 +75,73 @@ def test_publish_refuses_a_run_that_has_not_happened(tmp_path):
     with pytest.raises(SystemExit, match="figures/results"):
         publish(tmp_path, "full")
     assert not (tmp_path / "reports/published/full").exists()
+
+
+DVC_YAML = """
+stages:
+  erase:
+    cmd: run erase
+    outs:
+      - models/erased
+      - reports/figures/erase
+      - reports/notebooks/02a_erase.ipynb:
+          cache: false
+    metrics:
+      - reports/metrics/erase.json:
+          cache: false
+  immunize:
+    foreach: [relearn, personalize]
+    do:
+      cmd: run ${item}
+      outs:
+        - reports/figures/immunize/${item}_utility_samples.png
+        - reports/notebooks/02_immunize_${item}.ipynb:
+            cache: false
+      metrics:
+        - reports/metrics/immunize_${item}.json:
+            cache: false
+      plots:
+        - reports/plots/immunize_${item}_mima.csv:
+            x: step
+"""
+
+
+def test_publish_stages_takes_only_what_those_stages_declare(tmp_path):
+    _run_folder(tmp_path)  # reports/ also holds another run's tables, metrics and figures
+    (tmp_path / "dvc.yaml").write_text(DVC_YAML)
+    (tmp_path / "params.yaml").write_text("profile: wikiart\nseed: 0\n")
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles/wikiart.yaml").write_text("pretrain:\n  unet_steps: 1400\n")
+    for folder in ("models/erased", "reports/figures/erase", "reports/figures/immunize", "reports/plots"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "reports/figures/erase/base_vs_erased.png").write_bytes(b"\x89PNG")
+    (tmp_path / "reports/figures/immunize/relearn_utility_samples.png").write_bytes(b"\x89PNG")
+    (tmp_path / "reports/figures/immunize/personalize_utility_samples.png").write_bytes(b"\x89PNG")
+    (tmp_path / "reports/metrics/erase.json").write_text("{}")
+    (tmp_path / "reports/metrics/immunize_relearn.json").write_text("{}")
+    (tmp_path / "reports/plots/immunize_relearn_mima.csv").write_text("step\n0\n")
+    meta = {"papermill": {"start_time": T1, "end_time": "2026-12-02T01:01:00.000000+00:00", "duration": 47.6}}
+    (tmp_path / "reports/notebooks/02_immunize_relearn.ipynb").write_text(json.dumps({"metadata": meta, "cells": []}))
+    (tmp_path / "reports/notebooks/02a_erase.ipynb").write_text(json.dumps({"metadata": {"papermill": {"start_time": T0, "end_time": T1, "duration": 12.3}}, "cells": []}))
+    target = publish(tmp_path, "wikiart", ["erase", "immunize@relearn"])
+    listing = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
+    # the personalization item, the other run's attack metrics, tables and figures are left out
+    assert listing == ["figures/erase_base_vs_erased.png", "figures/immunize_relearn_utility_samples.png", "metrics/erase.json",
+                       "metrics/immunize_relearn.json", "plots/immunize_relearn_mima.csv", "run.json"]
+    run = json.loads((target / "run.json").read_text())
+    assert run["stages_published"] == ["erase", "immunize@relearn"]
+    assert set(run["stages"]) == {"02a_erase", "02_immunize_relearn"}  # not 03_relearning_attack
+    assert run["span"]["seconds"] == 60.0
+    assert run["profile"] == {"pretrain": {"unet_steps": 1400}} and run["params"]["profile"] == "wikiart"
+
+
+def test_publish_stages_refuses_an_unknown_stage_or_a_missing_output(tmp_path):
+    _run_folder(tmp_path)
+    (tmp_path / "dvc.yaml").write_text(DVC_YAML)
+    with pytest.raises(SystemExit, match="immunize@relearn"):
+        publish(tmp_path, "x", ["immunize"])
+    with pytest.raises(SystemExit, match="no stage 'attack'"):
+        publish(tmp_path, "x", ["attack"])
+    with pytest.raises(SystemExit, match="models/erased"):
+        publish(tmp_path, "x", ["erase"])
+    assert not (tmp_path / "reports/published").exists()

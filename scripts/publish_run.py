@@ -20,12 +20,15 @@ import argparse
 import json
 import shutil
 import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from mci_lib.config import resolve_profile  # noqa: E402
 PARTS = {"tables": ("reports/tables", "*"), "metrics": ("reports/metrics", "*.json"), "figures": ("reports/figures/results", "*.png")}
 FIGURES = "reports/figures"
 
@@ -106,6 +109,12 @@ def publish(root: Path, name: str, stages: list[str] | None = None) -> Path:
     """Copy ``root``'s current results (all, or those of ``stages``) into
     ``root/reports/published/<name>/``; return that folder."""
     parts, notebooks = _collect(root, stages)
+    revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    profile = params.get("profile") if isinstance(params, dict) else None
+    # the keys the selected profile overlays on params.yaml (none for the default, "tiny"), read
+    # before anything is copied: a missing overlay fails here, naming the file
+    overlay = yaml.safe_load(resolve_profile(root / "params.yaml", profile).read_text()) if profile and profile != "tiny" else None
     target = root / "reports" / "published" / name
     tmp = target.with_name(f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -113,18 +122,13 @@ def publish(root: Path, name: str, stages: list[str] | None = None) -> Path:
         (tmp / part).mkdir(parents=True)
         for path, published in files:
             shutil.copy2(path, tmp / part / published)
-    revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    profile = params.get("profile") if isinstance(params, dict) else None
-    overlay = root / "profiles" / f"{profile}.yaml"
     times = stage_times(notebooks)
     run = {
         "name": name,
         "git_revision": revision or None,
         "stages_published": stages or "all",
         "params": params,
-        # the keys the selected profile overlays on params.yaml (none for the default profile)
-        "profile": yaml.safe_load(overlay.read_text()) if profile and profile != "tiny" and overlay.is_file() else None,
+        "profile": overlay,
         "stages": times,
         "span": _span(times),
     }

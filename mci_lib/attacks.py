@@ -6,7 +6,8 @@ Every attack is one call with one signature::
 
 It loads the released model exactly as a user would (the saved diffusers folder, through stock
 ``StableDiffusionPipeline.from_pretrained``), fine-tunes it on the attacker's images the way the
-diffusers training examples do (VAE latents, DDPM noise, the epsilon-prediction loss, AdamW), and
+diffusers training examples do (VAE latents, DDPM noise, the epsilon-prediction loss weighted over
+timesteps by ``attack.loss_weighting``, as their ``--snr_gamma`` option does, AdamW), and
 yields the live pipeline, in eval mode, at each checkpoint step of the schedule (step 0 first, the
 unattacked model). It never sees the immunization's internals.
 
@@ -16,7 +17,8 @@ Kinds:
 - ``dreambooth``: the full UNet on the instance prompt, with prior preservation on class images
   sampled from the attacked model itself;
 - ``dreambooth_lora``: the same with LoRA;
-- ``textual_inversion``: one new token's embedding only;
+- ``textual_inversion``: one new token's embedding only (``attack.num_vectors`` of them, written in
+  place of the placeholder, as the diffusers example's ``--num_vectors``);
 - ``custom_diffusion``: cross-attention K/V plus a new modifier token, with prior preservation.
 
 Resume (DESIGN section 8): with ``checkpoint_dir`` and ``checkpoint_every`` an attack writes a
@@ -46,7 +48,7 @@ from .artifacts import checkpoint_step, load_training_state, read_json, save_tra
 from .config import ATTACKS, AttackConfig
 from .data import PERSONAL_SUBJECTS, load_images, real_prompts, select
 from .models import add_placeholder_tokens, is_cross_attention_kv, load_pipeline, set_attention, text_states
-from .pretrain import diffusion_loss, encode_latents
+from .pretrain import diffusion_loss, encode_latents, weight_losses
 from .sampling import sample_images
 
 PRIOR_ATTACKS = ("dreambooth", "dreambooth_lora", "custom_diffusion")
@@ -69,11 +71,12 @@ class AttackData:
     class_prompt: str | None = None
     identifier: str | None = None  # what non-token attacks write in place of ``token``
 
-    def captions_for(self, kind: str) -> list[str]:
-        """The captions attack ``kind`` trains on: the placeholder token for token attacks,
-        DreamBooth's rare-token identifier for the others (a multi-piece ``<p1>`` written as
-        plain text would tokenize almost like ``<p2>`` and blend the subjects)."""
-        return prompts_for(kind, self.captions, self.token, self.identifier)
+    def captions_for(self, kind: str, vectors: int = 1) -> list[str]:
+        """The captions attack ``kind`` trains on: the placeholder token for token attacks (as
+        ``vectors`` tokens for a multi-vector one), DreamBooth's rare-token identifier for the
+        others (a multi-piece ``<p1>`` written as plain text would tokenize almost like ``<p2>``
+        and blend the subjects)."""
+        return prompts_for(kind, self.captions, self.token, self.identifier, vectors)
 
     def __post_init__(self):
         if self.images.shape[0] == 0:
@@ -97,12 +100,27 @@ def default_budget(kind: str, cfg: AttackConfig) -> Budget:
     return Budget(getattr(cfg.lr, kind), cfg.steps, cfg.lora_rank)
 
 
-def prompts_for(kind: str, prompts: Sequence[str], token: str | None, identifier: str | None) -> list[str]:
+def prompts_for(kind: str, prompts: Sequence[str], token: str | None, identifier: str | None, vectors: int = 1) -> list[str]:
     """``prompts`` as attack ``kind`` writes them: ``token`` replaced by ``identifier`` for the
-    attacks that add no token."""
+    attacks that add no token, and by its ``vectors`` placeholder tokens (:func:`placeholder_tokens`)
+    for a token attack that learns several."""
     if token and identifier and kind not in TOKEN_ATTACKS:
         return [q.replace(token, identifier) for q in prompts]
+    if token and kind in TOKEN_ATTACKS and vectors > 1:
+        return [q.replace(token, " ".join(placeholder_tokens(token, vectors))) for q in prompts]
     return list(prompts)
+
+
+def placeholder_tokens(token: str, vectors: int) -> list[str]:
+    """The tokens a placeholder is learnt as: ``token`` itself, then ``token_1`` ... for a
+    multi-vector one (the diffusers textual-inversion example's ``--num_vectors`` naming)."""
+    return [token] + [f"{token}_{i}" for i in range(1, vectors)]
+
+
+def token_vectors(kind: str, cfg: AttackConfig) -> int:
+    """How many embedding vectors attack ``kind`` learns per placeholder: ``attack.num_vectors``
+    for Textual Inversion, one for Custom Diffusion's modifier token (and none for the others)."""
+    return cfg.num_vectors if kind == "textual_inversion" else 1
 
 
 def check_kind(kind: str) -> None:
@@ -178,6 +196,9 @@ def _run_identity(kind: str, model_dir, concepts: Sequence[AttackData], budget: 
         "prior_weight": float(cfg.prior_weight),
         "class_images": int(cfg.class_images),
         "train_text_encoder": bool(cfg.train_text_encoder),
+        "loss_weighting": cfg.loss_weighting,
+        "num_vectors": token_vectors(kind, cfg),
+        "snr_gamma": float(cfg.snr_gamma),
     }
 
 
@@ -204,11 +225,11 @@ def _bounds(n: int, rank: int, world: int) -> tuple[int, int]:
 
 
 def _sliced_diffusion_loss(pipe: StableDiffusionPipeline, ddpm: DDPMScheduler, latents: torch.Tensor, caps: Sequence[str], gen: torch.Generator,
-                           rank: int, world: int) -> torch.Tensor | None:
+                           rank: int, world: int, weighting: str = "none", snr_gamma: float = 5.0) -> torch.Tensor | None:
     """Process ``rank``'s share of :func:`diffusion_loss` on the whole batch: the noise and
     timesteps of all rows are drawn from ``gen`` exactly as :func:`diffusion_loss` draws them (so
     ``gen`` advances the same on every process), the UNet runs on this process's rows only, and
-    their per-sample losses are summed and divided by the whole batch size, so that the sum over
+    their per-sample losses, weighted by ``weighting`` as there, are summed and divided by the whole batch size, so that the sum over
     processes is the batch mean. ``None`` when this process has no rows."""
     noise = torch.randn(latents.shape, generator=gen)
     t = torch.randint(0, ddpm.config.num_train_timesteps, (latents.shape[0],), generator=gen)
@@ -219,7 +240,8 @@ def _sliced_diffusion_loss(pipe: StableDiffusionPipeline, ddpm: DDPMScheduler, l
     noise, t = noise[lo:hi].to(device), t[lo:hi].to(device)
     noisy = ddpm.add_noise(latents[lo:hi].to(device), noise, t)
     pred = pipe.unet(noisy, t, text_states(pipe, list(caps[lo:hi]))).sample
-    return F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)).sum() / latents.shape[0]
+    per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+    return weight_losses(per_sample, ddpm, t, weighting, snr_gamma).sum() / latents.shape[0]
 
 
 def _all_reduce_grads(params: Sequence[torch.nn.Parameter], loss: torch.Tensor | None) -> float:
@@ -270,8 +292,8 @@ def attack(
     With ``resume=True`` and a checkpoint there, the run restores it and continues from the next
     step, ending with the same weights as an uninterrupted run (bit for bit on the CPU). The
     steps at or before the restored one, step 0 included, are not yielded again. A checkpoint of
-    another run (other kind, model, concepts, seed, lr, rank, batch size or prior settings) is
-    refused; a larger ``budget.steps`` continues it.
+    another run (other kind, model, concepts, seed, lr, rank, batch size, prior settings or loss
+    weighting) is refused; a larger ``budget.steps`` continues it.
 
     Data parallelism: with an ``accelerate.Accelerator`` of several processes (``accelerate
     launch``), the pipeline moves to ``accelerator.device``, every process draws the same full
@@ -310,7 +332,7 @@ def attack(
         for c in concepts:
             if not c.token or not c.class_word:
                 raise ValueError(f"{kind} needs a placeholder token and class word for {c.name!r}")
-            token_ids += add_placeholder_tokens(pipe, [c.token], init_word=c.class_word)
+            token_ids += add_placeholder_tokens(pipe, placeholder_tokens(c.token, token_vectors(kind, cfg)), init_word=c.class_word)
     # 3. prior-preservation data, sampled before training from fixed seeds (the same on resume)
     prior = _class_images(pipe, concepts, cfg, sampling, seed) if kind in PRIOR_ATTACKS else []
     instance_latents = [encode_latents(pipe.vae, c.images) for c in concepts]
@@ -330,7 +352,7 @@ def attack(
         rng.bit_generator.state = extra["numpy_rng"]
         first = done + 1
     pipe.unet.train()
-    captions = [c.captions_for(kind) for c in concepts]
+    captions = [c.captions_for(kind, token_vectors(kind, cfg)) for c in concepts]
     n_total = sum(len(c) for c in captions)
     owners = np.concatenate([np.full(len(c.captions), k) for k, c in enumerate(concepts)])
     rows = np.concatenate([np.arange(len(c.captions)) for c in concepts])
@@ -341,18 +363,19 @@ def attack(
         pick = rng.choice(n_total, size=min(cfg.batch_size, n_total), replace=False)
         lat = torch.stack([instance_latents[owners[i]][rows[i]] for i in pick])
         caps = [captions[owners[i]][rows[i]] for i in pick]
+        weighting = {"weighting": cfg.loss_weighting, "snr_gamma": cfg.snr_gamma}
         if world == 1:
-            loss = diffusion_loss(pipe.unet, ddpm, lat, text_states(pipe, caps), gen)
+            loss = diffusion_loss(pipe.unet, ddpm, lat, text_states(pipe, caps), gen, **weighting)
         else:
-            loss = _sliced_diffusion_loss(pipe, ddpm, lat, caps, gen, rank, world)
+            loss = _sliced_diffusion_loss(pipe, ddpm, lat, caps, gen, rank, world, **weighting)
         if prior_latents:
             k = rng.integers(len(prior_latents))
             plat, pcaps = prior_latents[k]
             j = rng.choice(plat.shape[0], size=min(cfg.batch_size, plat.shape[0]), replace=False)
             if world == 1:
-                loss = loss + cfg.prior_weight * diffusion_loss(pipe.unet, ddpm, plat[j], text_states(pipe, [pcaps[i] for i in j]), gen)
+                loss = loss + cfg.prior_weight * diffusion_loss(pipe.unet, ddpm, plat[j], text_states(pipe, [pcaps[i] for i in j]), gen, **weighting)
             else:
-                part = _sliced_diffusion_loss(pipe, ddpm, plat[j], [pcaps[i] for i in j], gen, rank, world)
+                part = _sliced_diffusion_loss(pipe, ddpm, plat[j], [pcaps[i] for i in j], gen, rank, world, **weighting)
                 if part is not None:
                     loss = cfg.prior_weight * part if loss is None else loss + cfg.prior_weight * part
         # 6. the optimizer step; token attacks keep every embedding row but the new tokens'
@@ -417,10 +440,11 @@ def score_attack(
     cache = {} if step0_cache is None else step0_cache
     for step, pipe in attack(kind, model_dir, concepts, budget, cfg, sampling, seed, checkpoints, progress):
         for e in evals:
-            prompts = prompts_for(kind, e.prompts, e.token, e.identifier)
+            prompts = prompts_for(kind, e.prompts, e.token, e.identifier, token_vectors(kind, cfg))
             seeds = [sampling.seed + i for i in range(len(prompts))]
-            # step 0 is the untouched model: the same for every seed and every attack that adds no token
-            key = (str(model_dir), kind in TOKEN_ATTACKS, e.name)  # prompts_for depends on kind through this alone
+            # step 0 is the untouched model: the same for every seed, and for every attack that
+            # prompts it alike (a new token starts as its class word's embedding)
+            key = (str(model_dir), kind in TOKEN_ATTACKS, tuple(prompts), e.name)
             if step == 0 and key in cache:
                 s = cache[key]
             else:

@@ -242,6 +242,9 @@ class AttackConfig:
     # DreamBooth kinds also train the text encoder (all of it; a LoRA for dreambooth_lora), as the
     # diffusers DreamBooth examples' --train_text_encoder does
     train_text_encoder: bool = False
+    # embedding vectors Textual Inversion learns per placeholder (the diffusers textual-inversion
+    # example's --num_vectors): the placeholder is written as that many new tokens
+    num_vectors: int = 1
     lr: AttackLR = field(default_factory=AttackLR)
     sweep_attacks: tuple[str, ...] = ("lora", "dreambooth_lora")  # which attacks get the budget sweep (those the threat runs)
     sweep_lr_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
@@ -257,6 +260,8 @@ class AttackConfig:
             raise ParamsError("attack.steps and attack.batch_size must be >= 1 and attack.seeds non-empty")
         if self.num_inference_steps < 1:
             raise ParamsError(f"attack.num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if self.num_vectors < 1:
+            raise ParamsError(f"attack.num_vectors must be >= 1, got {self.num_vectors}")
         if self.loss_weighting not in ("none", "min_snr", "v"):
             raise ParamsError(f"attack.loss_weighting must be none, min_snr or v, got {self.loss_weighting!r}")
         late = [c for c in self.checkpoints if c < 1 or c > self.steps]

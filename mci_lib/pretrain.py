@@ -80,31 +80,37 @@ class PromptCache:
         return torch.stack([self.cache[p] for p in prompts])
 
 
+def weight_losses(per_sample: torch.Tensor, scheduler: DDPMScheduler, t: torch.Tensor, weighting: str = "none", snr_gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample epsilon losses at timesteps ``t`` weighted over timesteps (DESIGN section 6).
+
+    ``"none"``: unchanged. ``"v"``: divided by ``abar_t``, which makes the weighted epsilon loss
+    equal to the v-prediction loss of the same model: the epsilon loss alone gives almost no
+    weight to high noise levels, where a small model must learn what the prompt asks for.
+    ``"min_snr"``: Min-SNR-gamma (Hang et al. 2023; the diffusers training examples'
+    ``--snr_gamma``), times ``min(SNR_t, gamma) / SNR_t`` with ``SNR_t = abar_t / (1 - abar_t)``."""
+    if weighting == "none":
+        return per_sample
+    abar = scheduler.alphas_cumprod.to(device=per_sample.device, dtype=per_sample.dtype)[t]
+    if weighting == "v":
+        return per_sample / abar
+    if weighting == "min_snr":
+        snr = abar / (1 - abar)
+        return per_sample * torch.clamp(snr, max=snr_gamma) / snr
+    raise ValueError(f"unknown loss weighting {weighting!r}; use none, v or min_snr")
+
+
 def diffusion_loss(
     unet, scheduler: DDPMScheduler, latents: torch.Tensor, text: torch.Tensor, generator: torch.Generator | None = None, weighting: str = "none",
     snr_gamma: float = 5.0,
 ) -> torch.Tensor:
-    """The epsilon-prediction loss L(theta; batch) of DESIGN section 6 on one batch of latents.
-
-    ``weighting="v"`` multiplies each sample's loss by ``1 / abar_t``, which makes it equal to the
-    v-prediction loss of the same model: the epsilon loss alone gives almost no weight to high
-    noise levels, where a small model must learn what the prompt asks for. ``weighting="min_snr"``
-    is Min-SNR-gamma (Hang et al. 2023; the diffusers training examples' ``--snr_gamma``):
-    ``min(SNR_t, gamma) / SNR_t`` with ``SNR_t = abar_t / (1 - abar_t)``."""
+    """The epsilon-prediction loss L(theta; batch) of DESIGN section 6 on one batch of latents,
+    each sample's squared error weighted over timesteps by :func:`weight_losses` (``weighting``)."""
     noise = torch.randn(latents.shape, generator=generator)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     noisy = scheduler.add_noise(latents, noise, t)
     pred = unet(noisy, t, text).sample
     per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-    abar = scheduler.alphas_cumprod.to(per_sample.dtype)[t]
-    if weighting == "v":
-        per_sample = per_sample / abar
-    elif weighting == "min_snr":
-        snr = abar / (1 - abar)
-        per_sample = per_sample * torch.clamp(snr, max=snr_gamma) / snr
-    elif weighting != "none":
-        raise ValueError(f"unknown loss weighting {weighting!r}; use none, v or min_snr")
-    return per_sample.mean()
+    return weight_losses(per_sample, scheduler, t, weighting, snr_gamma).mean()
 
 
 def train_unet(

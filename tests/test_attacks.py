@@ -62,6 +62,26 @@ def test_textual_inversion_changes_only_the_new_token(saved_micro, micro_world, 
     assert all(torch.equal(states[0][1][k], states[-1][1][k]) for k in states[0][1])
 
 
+def test_multi_vector_textual_inversion_learns_each_new_token_and_prompts_with_all(saved_micro, micro_world, micro_params):
+    from dataclasses import replace
+
+    cfg = replace(micro_params.attack, num_vectors=3)
+    concepts = _data(micro_world, micro_params, ["p1"])
+    assert concepts[0].captions_for("textual_inversion", 3)[0] == "a photo of <p1> <p1>_1 <p1>_2 badge"
+    assert concepts[0].captions_for("custom_diffusion", attacks.token_vectors("custom_diffusion", cfg))[0] == "a photo of <p1> badge"
+    seen = []
+    for step, pipe in attacks.attack("textual_inversion", saved_micro, concepts, attacks.Budget(0.1, 2, 2), cfg, micro_params.sampling, 0, [2], progress=False):
+        seen.append(pipe.text_encoder.get_input_embeddings().weight.detach().clone())
+    ids = pipe.tokenizer.convert_tokens_to_ids(["<p1>", "<p1>_1", "<p1>_2"])
+    # the expanded prompt tokenizes to the three new tokens, in order, and nothing else new
+    prompt_ids = pipe.tokenizer("a photo of <p1> <p1>_1 <p1>_2 badge").input_ids
+    assert [i for i in prompt_ids if i in ids] == ids
+    moved = (seen[0] - seen[-1]).abs().sum(1).nonzero().flatten().tolist()
+    assert moved == sorted(ids)
+    with pytest.raises(Exception, match="num_vectors"):
+        replace(micro_params.attack, num_vectors=0)
+
+
 def test_custom_diffusion_changes_kv_and_the_token(saved_micro, micro_world, micro_params):
     states = _run("custom_diffusion", saved_micro, _data(micro_world, micro_params, ["p1"]), micro_params)
     first, last = states[0][1], states[-1][1]
@@ -189,3 +209,43 @@ def test_dreambooth_can_also_train_the_text_encoder(kind, saved_micro, micro_wor
         for k, v in trained.items():
             if "lora_" not in k:
                 assert torch.equal(v, released[k.replace(".base_layer", "")]), k
+
+
+@pytest.mark.parametrize("weighting", ["none", "v", "min_snr"])
+def test_sliced_loss_shares_sum_to_the_weighted_batch_loss(weighting, saved_micro):
+    """Each process's share of the data-parallel loss, weighted as the one-process loss is, sums
+    to that loss; the weighting is applied (v differs from none)."""
+    from diffusers import DDPMScheduler
+
+    from mci_lib.pretrain import diffusion_loss
+
+    pipe = models.load_pipeline(saved_micro)
+    ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
+    size = pipe.unet.config.sample_size
+    latents = torch.randn((5, pipe.unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(3))
+    caps = [f"a photo of a red {s}" for s in ("star", "heart", "circle", "cross", "square")]
+    with torch.no_grad():
+        whole = diffusion_loss(pipe.unet, ddpm, latents, models.text_states(pipe, caps), torch.Generator().manual_seed(7), weighting)
+        plain = diffusion_loss(pipe.unet, ddpm, latents, models.text_states(pipe, caps), torch.Generator().manual_seed(7))
+        shares = [attacks._sliced_diffusion_loss(pipe, ddpm, latents, caps, torch.Generator().manual_seed(7), r, 3, weighting) for r in range(3)]
+    torch.testing.assert_close(sum(shares), whole, rtol=1e-5, atol=1e-6)
+    assert (weighting == "none") == bool(torch.isclose(whole, plain))
+
+
+def test_attack_trains_with_the_configured_loss_weighting(saved_micro, micro_world, micro_params):
+    """``attack.loss_weighting`` reaches the attacker's loss: the same run under another weighting
+    ends at other weights, and under the same one at the same weights."""
+    from dataclasses import replace
+
+    concepts = _data(micro_world, micro_params, ["star"])
+
+    def final(weighting):
+        cfg = replace(micro_params.attack, loss_weighting=weighting)
+        for _, pipe in attacks.attack("full", saved_micro, concepts, attacks.Budget(1e-2, 3, 2), cfg, micro_params.sampling, 0, [3], progress=False):
+            out = torch.cat([p.detach().flatten().clone() for p in pipe.unet.parameters()])
+        return out
+
+    none = final("none")
+    assert torch.equal(none, final("none"))
+    assert not torch.equal(none, final("v"))
+    assert not torch.equal(none, final("min_snr"))

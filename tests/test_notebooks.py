@@ -185,3 +185,29 @@ def test_study_harness_writes_one_row_per_configuration(pipeline_dir, clip_vocab
     assert list(tmp_path.glob("baseline_relearn_*.json"))
     curves = json.loads((tmp_path / "curves" / "b.json").read_text())
     assert {r["method"] for r in curves["rows"]} == {"mima"} and {r["method"] for r in curves["baseline"]} == {"none"}
+
+
+def test_attack_strength_reports_each_candidate_against_the_bar(pipeline_dir, clip_vocab, tmp_path):
+    """benchmarks/attack_strength.py on the micro pipeline: one record per candidate budget, each
+    with the final presence per concept and seed and the verdict against the bar. Needs the
+    erased model of the erase notebook test above."""
+    import subprocess
+    import sys
+
+    if not (pipeline_dir / "models" / "erased").is_dir():
+        pytest.fail("the erase notebook test must run first")
+    out = tmp_path / "strength.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "attack_strength.py"), "relearn", "--kinds", "lora", "--out", str(out),
+           "--base-overrides", json.dumps(_overrides(pipeline_dir, clip_vocab)),
+           "--set", "attack.lr.lora=1e-3", "--set", "attack.lr.lora=3e-3", "attack.loss_weighting=min_snr"]
+    shown = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True).stdout
+    records = json.loads(out.read_text())
+    assert [(r["lr"], r["loss_weighting"]) for r in records] == [(1e-3, "none"), (3e-3, "min_snr")]
+    p = load_params(ROOT / "params.yaml", None, _overrides(pipeline_dir, clip_vocab))
+    for r in records:
+        assert set(r["final_presence"]) == set(p.relearn.targets)
+        for c, per_seed in r["final_presence_per_seed"].items():
+            assert len(per_seed) == len(p.attack.seeds) and abs(r["final_presence"][c] - sum(per_seed.values()) / len(per_seed)) < 1e-9
+        assert r["real"] == all(r["final_presence"][c] >= r["bar"][c] for c in r["bar"])
+        assert {"0", str(p.attack.steps)} <= set(r["curve"][p.relearn.targets[0]])  # JSON keys: step 0 and the last step
+    assert shown.count("lora ") == 2 and ("NOT REAL" in shown) == (not all(r["real"] for r in records))

@@ -41,3 +41,24 @@ def test_fused_optimizer_trains_the_same_model(micro_params):
     moved = (plain - start).abs().max().item()
     assert moved > 1e-3  # training changed what the model computes ...
     assert (fused - plain).abs().max().item() < 1e-3 * moved  # ... and the fused kernels changed it the same way
+
+
+def test_loss_weightings_against_hand_computed_weights():
+    from diffusers import DDPMScheduler
+
+    ddpm = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    t = torch.tensor([0, 500, 999])
+    losses = torch.tensor([1.0, 2.0, 3.0])
+    abar = ddpm.alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    assert snr[0] > 5 and snr[2] < 5  # one timestep on each side of gamma
+    assert torch.equal(pretrain.weight_losses(losses, ddpm, t, "none"), losses)
+    torch.testing.assert_close(pretrain.weight_losses(losses, ddpm, t, "v"), losses / abar)
+    expected = torch.tensor([1.0 * 5 / snr[0].item(), 2.0 * min(snr[1].item(), 5) / snr[1].item(), 3.0])
+    torch.testing.assert_close(pretrain.weight_losses(losses, ddpm, t, "min_snr", snr_gamma=5.0), expected)
+    try:
+        pretrain.weight_losses(losses, ddpm, t, "snr")
+    except ValueError as e:
+        assert "none, v or min_snr" in str(e)
+    else:
+        raise AssertionError("an unknown weighting must be refused")

@@ -60,6 +60,8 @@ class WorldConfig:
     real_holdout: int = 4
     # generic two-shape images the VAE also trains on (data.draw_codec); 0: pretrain images only
     codec_images: int = 0
+    # captioned two-shape composites the UNet also pretrains on (data.draw_composite); 0: none
+    pretrain_composites: int = 0
 
 
 @dataclass(frozen=True)

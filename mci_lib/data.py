@@ -272,6 +272,52 @@ def draw_codec(rng: np.random.Generator, world: WorldConfig) -> np.ndarray:
     return _finish(canvas, rng, world.image_size)
 
 
+# how a composite's caption names its two parts (data.draw_composite)
+COMPOSITE_TEMPLATES = (
+    "a {inner_color} {inner} inside a {outer_color} {outer}",
+    "a {inner_color} {inner} on a {outer_color} {outer}, {style} style",
+    "a photo of a {inner} inside a {outer}",
+)
+
+
+def draw_composite(rng: np.random.Generator, world: WorldConfig) -> tuple[np.ndarray, str]:
+    """Draw one captioned *composite* for the UNet's pretraining (``world.pretrain_composites``):
+    one of the world's shapes nested inside another, in two colors, as the personal designs are
+    (DESIGN section 4), and a caption naming both parts ("a yellow heart inside a blue square").
+    It lets the base model learn to compose two shapes from words, so that a personal subject is
+    a new combination an attacker can teach, as a new face is to Stable Diffusion. The personal
+    subjects' own nestings (``PERSONAL_LAYOUTS``) are never drawn. Returns (HxWx3 uint8, caption)."""
+    size = world.image_size * SCALE
+    canvas = _background(rng, size)
+    forbidden = {PERSONAL_LAYOUTS[p] for p in world.personal if p in PERSONAL_LAYOUTS}
+    if len(world.shapes) < 2:
+        raise ValueError("params world.pretrain_composites needs at least two world.shapes")
+    while True:
+        outer, inner = (world.shapes[i] for i in rng.choice(len(world.shapes), size=2, replace=False))
+        if (outer, inner) not in forbidden:
+            break
+    c1, c2 = (world.colors[i] for i in rng.choice(len(world.colors), size=2, replace=len(world.colors) < 2))
+    style = world.styles[rng.integers(len(world.styles))]
+    cx, cy, r, theta = _placement(rng, size, 0.3, 0.42, world.position_jitter, world.max_rotation)
+    canvas = _styled_shape(canvas, outer, c1, style, cx, cy, r, theta, size)
+    canvas = _styled_shape(canvas, inner, c2, "solid", cx, cy, rng.uniform(0.5, 0.65) * r, theta, size)
+    template = COMPOSITE_TEMPLATES[rng.integers(len(COMPOSITE_TEMPLATES))]
+    caption = template.format(inner=inner, inner_color=c2, outer=outer, outer_color=c1, style=style)
+    return _finish(canvas, rng, world.image_size), caption
+
+
+def composite_images(world: WorldConfig, seed: int) -> tuple[torch.Tensor, list[ToyRecord]]:
+    """``world.pretrain_composites`` captioned composites (:func:`draw_composite`) from their own
+    seeded stream, as uint8 [n, 3, H, W] images and in-memory ``pretrain`` records (subject
+    ``composite``, no file) whose captions :func:`fresh_caption` keeps."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(4343,)))
+    drawn = [draw_composite(rng, world) for _ in range(world.pretrain_composites)]
+    records = [ToyRecord(file="", split="pretrain", subject="composite", color="", style="", caption=c) for _, c in drawn]
+    if not drawn:
+        return torch.zeros(0, 3, world.image_size, world.image_size, dtype=torch.uint8), records
+    return torch.from_numpy(np.stack([img for img, _ in drawn])).permute(0, 3, 1, 2).contiguous(), records
+
+
 def codec_images(world: WorldConfig, seed: int) -> torch.Tensor:
     """``world.codec_images`` codec images (uint8 [n, 3, H, W], :func:`draw_codec`) from their own
     seeded stream: the extra VAE training pool of DESIGN section 4's base model (the UNet never

@@ -80,6 +80,30 @@ def test_codec_images_are_seeded_and_never_draw_a_personal_design(monkeypatch):
     assert not nested & set(data.PERSONAL_LAYOUTS.values())
 
 
+def test_composites_are_seeded_captioned_by_both_parts_and_never_a_personal_design(monkeypatch):
+    world = WorldConfig(shapes=("circle", "star", "square", "cross"), pretrain_composites=5)
+    (a, ra), (b, rb), (c, _) = data.composite_images(world, 0), data.composite_images(world, 0), data.composite_images(world, 1)
+    assert a.shape == (5, 3, 32, 32) and a.dtype == torch.uint8
+    assert torch.equal(a, b) and ra == rb and not torch.equal(a, c)
+    assert all(r.split == "pretrain" and r.subject == "composite" and data.fresh_caption(np.random.default_rng(0), r) == r.caption for r in ra)
+    # what draw_composite paints: two shapes on one centre, in two colors, each named in the caption
+    painted = []
+    real_paint = data._styled_shape
+    monkeypatch.setattr(data, "_styled_shape", lambda canvas, shape, color, style, cx, cy, *rest: painted.append((shape, color, cx, cy)) or real_paint(canvas, shape, color, style, cx, cy, *rest))
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(200):
+        painted.clear()
+        _, caption = data.draw_composite(rng, world)
+        (outer, c1, x1, y1), (inner, c2, x2, y2) = painted
+        assert (x1, y1) == (x2, y2) and outer != inner and c1 != c2
+        assert f"{inner} inside a" in caption or f"{inner} on a" in caption
+        assert caption.endswith(outer) or f"{outer}," in caption
+        seen.add((outer, inner))
+    assert len(seen) == 4 * 3 - 2 and not seen & set(data.PERSONAL_LAYOUTS.values())
+    assert data.composite_images(WorldConfig(), 0)[0].shape[0] == 0  # off by default
+
+
 def test_images_are_32px_rgb_and_captions_name_the_concept(micro_world):
     records = data.read_index(micro_world)
     images = data.load_images(micro_world, records[:10])

@@ -35,6 +35,7 @@ MICRO = {
     "world.judge_train_per_subject": 6,
     "world.judge_test_per_subject": 3,
     "world.codec_images": 6,
+    "world.pretrain_composites": 6,
     "model.unet_channels": [16, 32],
     "model.attention_head_dim": 2,
     "model.cross_attention_dim": 16,

@@ -245,6 +245,28 @@ def draw_other(rng: np.random.Generator, world: WorldConfig, kind: str | None = 
 PERSONAL_LAYOUTS = {"p1": ("circle", "star"), "p2": ("square", "cross")}
 
 
+def _shape_pair(rng: np.random.Generator, world: WorldConfig) -> tuple[str, str]:
+    """Two of the world's shapes (outer, inner), never a personal subject's own nesting."""
+    forbidden = {PERSONAL_LAYOUTS[p] for p in world.personal if p in PERSONAL_LAYOUTS}
+    while True:
+        outer, inner = (world.shapes[i] for i in rng.choice(len(world.shapes), size=2, replace=len(world.shapes) < 2))
+        if (outer, inner) not in forbidden:
+            return outer, inner
+
+
+def _color_pair(rng: np.random.Generator, world: WorldConfig) -> tuple[str, str]:
+    """Two different colors of the world (the same one only if it has one)."""
+    c1, c2 = rng.choice(len(world.colors), size=2, replace=len(world.colors) < 2)
+    return world.colors[c1], world.colors[c2]
+
+
+def _stack(images: list[np.ndarray], image_size: int) -> torch.Tensor:
+    """HxWx3 uint8 arrays as one uint8 [n, 3, H, W] tensor (empty when there are none)."""
+    if not images:
+        return torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
 def draw_codec(rng: np.random.Generator, world: WorldConfig) -> np.ndarray:
     """Draw one *codec* image (HxWx3 uint8) for the VAE's training pool: two of the world's shapes
     in two different colors and random styles, either one nested inside the other or two that
@@ -254,21 +276,17 @@ def draw_codec(rng: np.random.Generator, world: WorldConfig) -> np.ndarray:
     (``PERSONAL_LAYOUTS``) are never drawn, so the VAE must generalize to them."""
     size = world.image_size * SCALE
     canvas = _background(rng, size)
-    forbidden = {PERSONAL_LAYOUTS[p] for p in world.personal if p in PERSONAL_LAYOUTS}
-    while True:
-        outer, inner = (world.shapes[i] for i in rng.choice(len(world.shapes), size=2, replace=len(world.shapes) < 2))
-        if (outer, inner) not in forbidden:
-            break
-    c1, c2 = rng.choice(len(world.colors), size=2, replace=len(world.colors) < 2)
+    outer, inner = _shape_pair(rng, world)
+    c1, c2 = _color_pair(rng, world)
     style = lambda: world.styles[rng.integers(len(world.styles))]
     if rng.random() < 0.5:  # nested: a shape inside another, as the personal designs are
         cx, cy, r, theta = _placement(rng, size, 0.3, 0.42, world.position_jitter, world.max_rotation)
-        canvas = _styled_shape(canvas, outer, world.colors[c1], style(), cx, cy, r, theta, size)
-        canvas = _styled_shape(canvas, inner, world.colors[c2], "solid", cx, cy, rng.uniform(0.45, 0.65) * r, theta, size)
+        canvas = _styled_shape(canvas, outer, c1, style(), cx, cy, r, theta, size)
+        canvas = _styled_shape(canvas, inner, c2, "solid", cx, cy, rng.uniform(0.45, 0.65) * r, theta, size)
     else:  # two smaller shapes that may overlap
         for shape, color in ((outer, c1), (inner, c2)):
             cx, cy, r, theta = _placement(rng, size, 0.18, 0.3, 1.0, world.max_rotation)
-            canvas = _styled_shape(canvas, shape, world.colors[color], style(), cx, cy, r, theta, size)
+            canvas = _styled_shape(canvas, shape, color, style(), cx, cy, r, theta, size)
     return _finish(canvas, rng, world.image_size)
 
 
@@ -287,16 +305,12 @@ def draw_composite(rng: np.random.Generator, world: WorldConfig) -> tuple[np.nda
     It lets the base model learn to compose two shapes from words, so that a personal subject is
     a new combination an attacker can teach, as a new face is to Stable Diffusion. The personal
     subjects' own nestings (``PERSONAL_LAYOUTS``) are never drawn. Returns (HxWx3 uint8, caption)."""
+    if len(world.shapes) < 2:
+        raise ValueError("params world.pretrain_composites needs at least two world.shapes (or set it to 0)")
     size = world.image_size * SCALE
     canvas = _background(rng, size)
-    forbidden = {PERSONAL_LAYOUTS[p] for p in world.personal if p in PERSONAL_LAYOUTS}
-    if len(world.shapes) < 2:
-        raise ValueError("params world.pretrain_composites needs at least two world.shapes")
-    while True:
-        outer, inner = (world.shapes[i] for i in rng.choice(len(world.shapes), size=2, replace=False))
-        if (outer, inner) not in forbidden:
-            break
-    c1, c2 = (world.colors[i] for i in rng.choice(len(world.colors), size=2, replace=len(world.colors) < 2))
+    outer, inner = _shape_pair(rng, world)
+    c1, c2 = _color_pair(rng, world)
     style = world.styles[rng.integers(len(world.styles))]
     cx, cy, r, theta = _placement(rng, size, 0.3, 0.42, world.position_jitter, world.max_rotation)
     canvas = _styled_shape(canvas, outer, c1, style, cx, cy, r, theta, size)
@@ -313,9 +327,7 @@ def composite_images(world: WorldConfig, seed: int) -> tuple[torch.Tensor, list[
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(4343,)))
     drawn = [draw_composite(rng, world) for _ in range(world.pretrain_composites)]
     records = [ToyRecord(file="", split="pretrain", subject="composite", color="", style="", caption=c) for _, c in drawn]
-    if not drawn:
-        return torch.zeros(0, 3, world.image_size, world.image_size, dtype=torch.uint8), records
-    return torch.from_numpy(np.stack([img for img, _ in drawn])).permute(0, 3, 1, 2).contiguous(), records
+    return _stack([img for img, _ in drawn], world.image_size), records
 
 
 def codec_images(world: WorldConfig, seed: int) -> torch.Tensor:
@@ -323,10 +335,7 @@ def codec_images(world: WorldConfig, seed: int) -> torch.Tensor:
     seeded stream: the extra VAE training pool of DESIGN section 4's base model (the UNet never
     sees them)."""
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(4242,)))
-    images = [draw_codec(rng, world) for _ in range(world.codec_images)]
-    if not images:
-        return torch.zeros(0, 3, world.image_size, world.image_size, dtype=torch.uint8)
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return _stack([draw_codec(rng, world) for _ in range(world.codec_images)], world.image_size)
 
 
 def subjects(world: WorldConfig) -> list[str]:

@@ -99,9 +99,18 @@ def test_composites_are_seeded_captioned_by_both_parts_and_never_a_personal_desi
         assert (x1, y1) == (x2, y2) and outer != inner and c1 != c2
         assert f"{inner} inside a" in caption or f"{inner} on a" in caption
         assert caption.endswith(outer) or f"{outer}," in caption
+        if not caption.startswith("a photo"):  # the colored templates name each part's own color
+            assert f"a {c2} {inner} " in caption and f"a {c1} {outer}" in caption
         seen.add((outer, inner))
     assert len(seen) == 4 * 3 - 2 and not seen & set(data.PERSONAL_LAYOUTS.values())
     assert data.composite_images(WorldConfig(), 0)[0].shape[0] == 0  # off by default
+    # image i is the drawing captioned by record i, from the composites' own stream
+    monkeypatch.undo()
+    rng = np.random.default_rng(np.random.SeedSequence(0, spawn_key=(4343,)))
+    first, caption = data.draw_composite(rng, world)
+    assert torch.equal(a[0], torch.from_numpy(first).permute(2, 0, 1)) and ra[0].caption == caption
+    with pytest.raises(ValueError, match="world.pretrain_composites"):
+        data.composite_images(WorldConfig(shapes=("circle",), pretrain_composites=1), 0)
 
 
 def test_images_are_32px_rgb_and_captions_name_the_concept(micro_world):

@@ -58,15 +58,21 @@ def test_personal_subjects_never_in_pretraining(micro_world, micro_params):
     assert meta["personal"]["p1"]["class_word"] == "badge"
 
 
+def record_paint(monkeypatch) -> list:
+    """A list that gets (shape, color, cx, cy) of every shape data._styled_shape paints."""
+    painted = []
+    real_paint = data._styled_shape
+    monkeypatch.setattr(data, "_styled_shape", lambda canvas, shape, color, style, cx, cy, *rest: painted.append((shape, color, cx, cy)) or real_paint(canvas, shape, color, style, cx, cy, *rest))
+    return painted
+
+
 def test_codec_images_are_seeded_and_never_draw_a_personal_design(monkeypatch):
     world = WorldConfig(shapes=("circle", "star", "square", "cross"), codec_images=6)
     a, b, c = data.codec_images(world, 0), data.codec_images(world, 0), data.codec_images(world, 1)
     assert a.shape == (6, 3, 32, 32) and a.dtype == torch.uint8
     assert torch.equal(a, b) and not torch.equal(a, c)
     # record what draw_codec paints: nested pairs share a centre; the personal nestings never occur
-    painted = []
-    real_paint = data._styled_shape
-    monkeypatch.setattr(data, "_styled_shape", lambda canvas, shape, color, style, cx, cy, *rest: painted.append((shape, color, cx, cy)) or real_paint(canvas, shape, color, style, cx, cy, *rest))
+    painted = record_paint(monkeypatch)
     rng = np.random.default_rng(0)
     nested = set()
     for _ in range(400):
@@ -87,9 +93,7 @@ def test_composites_are_seeded_captioned_by_both_parts_and_never_a_personal_desi
     assert torch.equal(a, b) and ra == rb and not torch.equal(a, c)
     assert all(r.split == "pretrain" and r.subject == "composite" and data.fresh_caption(np.random.default_rng(0), r) == r.caption for r in ra)
     # what draw_composite paints: two shapes on one centre, in two colors, each named in the caption
-    painted = []
-    real_paint = data._styled_shape
-    monkeypatch.setattr(data, "_styled_shape", lambda canvas, shape, color, style, cx, cy, *rest: painted.append((shape, color, cx, cy)) or real_paint(canvas, shape, color, style, cx, cy, *rest))
+    painted = record_paint(monkeypatch)
     rng = np.random.default_rng(0)
     seen = set()
     for _ in range(200):

@@ -6,6 +6,7 @@ papermill start, end and seconds). `make full` runs it after the full profile's 
 
     python scripts/publish_run.py full
     python scripts/publish_run.py wikiart --stages data_prep erase immunize@relearn attack_relearn
+    python scripts/publish_run.py full_session14 --stages attack_personalize --profile full
 
 Without ``--stages`` it publishes the whole pipeline's results (tables, metrics, the figures
 stage's figures). With ``--stages`` (a run of part of the chain, such as the wikiart profile's
@@ -28,9 +29,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from mci_lib import metrics, viz  # noqa: E402
 from mci_lib.config import resolve_profile  # noqa: E402
 PARTS = {"tables": ("reports/tables", "*"), "metrics": ("reports/metrics", "*.json"), "figures": ("reports/figures/results", "*.png")}
 FIGURES = "reports/figures"
+MSGR_COLUMNS = ["threat", "attack", "method", "msgr", "msgr_std", "verdict", "msgr_sim", "worst_case_msgr", "steps_to_relearn_ratio", "attack_is_real", "utility_presence"]
 
 
 def stage_times(notebooks: list[Path]) -> dict[str, dict]:
@@ -105,13 +108,16 @@ def _span(times: dict[str, dict]) -> dict | None:
     return {"start": start, "end": end, "seconds": round((datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds(), 1)}
 
 
-def publish(root: Path, name: str, stages: list[str] | None = None) -> Path:
+def publish(root: Path, name: str, stages: list[str] | None = None, profile: str | None = None) -> Path:
     """Copy ``root``'s current results (all, or those of ``stages``) into
-    ``root/reports/published/<name>/``; return that folder."""
+    ``root/reports/published/<name>/``; return that folder. ``profile`` names the profile the run
+    selected when it was not params.yaml's (a notebook run with papermill's ``-p profile full``).
+    A partial run that includes an attack stage also gets its MSGR table, ``tables/msgr.md``, built
+    from its metrics as the figures stage builds the whole run's."""
     parts, notebooks = _collect(root, stages)
     revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
     params = yaml.safe_load((root / "params.yaml").read_text())
-    profile = params.get("profile") if isinstance(params, dict) else None
+    profile = profile or (params.get("profile") if isinstance(params, dict) else None)
     # the keys the selected profile overlays on params.yaml (none for the default, "tiny"), read
     # before anything is copied: a missing overlay fails here, naming the file
     overlay = yaml.safe_load(resolve_profile(root / "params.yaml", profile).read_text()) if profile and profile != "tiny" else None
@@ -122,11 +128,16 @@ def publish(root: Path, name: str, stages: list[str] | None = None) -> Path:
         (tmp / part).mkdir(parents=True)
         for path, published in files:
             shutil.copy2(path, tmp / part / published)
+    attacks = {f.stem.removeprefix("attack_"): json.loads(f.read_text()) for f, _ in parts.get("metrics", []) if f.stem.startswith("attack_")}
+    if stages and attacks:
+        (tmp / "tables").mkdir()
+        (tmp / "tables" / "msgr.md").write_text(viz.markdown_table(metrics.msgr_table(attacks), MSGR_COLUMNS))
     times = stage_times(notebooks)
     run = {
         "name": name,
         "git_revision": revision or None,
         "stages_published": stages or "all",
+        "profile_name": profile or "tiny",
         "params": params,
         "profile": overlay,
         "stages": times,
@@ -143,7 +154,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Keep one run's results under reports/published/NAME/.")
     parser.add_argument("name", help="letters, digits, - and _")
     parser.add_argument("--stages", nargs="+", help="publish only these stages' declared results (e.g. data_prep erase immunize@relearn attack_relearn)")
+    parser.add_argument("--profile", help="the profile the run selected, where it is not params.yaml's (a notebook run with `-p profile full`)")
     args = parser.parse_args()
     if not args.name.replace("-", "").replace("_", "").isalnum():
         parser.error("NAME: letters, digits, - and _ only")
-    print("published:", publish(ROOT, args.name, args.stages).relative_to(ROOT))
+    print("published:", publish(ROOT, args.name, args.stages, args.profile).relative_to(ROOT))

@@ -145,3 +145,23 @@ def test_publish_stages_refuses_an_unknown_stage_or_a_missing_output(tmp_path):
     with pytest.raises(SystemExit, match="models/erased"):
         publish(tmp_path, "x", ["erase"])
     assert not (tmp_path / "reports/published").exists()
+
+
+def test_publish_of_an_attack_stage_run_under_another_profile_builds_its_msgr_table(tmp_path):
+    _run_folder(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  attack_personalize:\n    cmd: run\n    metrics:\n      - reports/metrics/attack_personalize.json:\n          cache: false\n")
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles/full.yaml").write_text("attack:\n  batch_size: 8\n")
+    one = {"dreambooth": {"mima": 12.34}}
+    report = {"msgr": one, "msgr_std": {"dreambooth": {"mima": 5.0}}, "verdict": {"dreambooth": {"mima": "slower"}},
+              "msgr_sim": {"dreambooth": {"mima": 3.21}}, "worst_case_msgr": {"dreambooth": {"mima": -7.77}},
+              "steps_to_relearn_ratio": {"dreambooth": {"mima": 1.25}}, "attack_is_real": {"dreambooth": True},
+              "utility_presence": {"mima": 0.8776}}
+    (tmp_path / "reports/metrics/attack_personalize.json").write_text(json.dumps(report))
+    target = publish(tmp_path, "full_x", ["attack_personalize"], profile="full")
+    table = (target / "tables/msgr.md").read_text().splitlines()
+    assert table[0].startswith("| threat | attack | method | msgr |")
+    assert table[2] == "| personalize | dreambooth | mima | 12.3 | 5.0 | slower | 3.2 | -7.8 | 1.25 | True | 0.878 |"
+    run = json.loads((target / "run.json").read_text())
+    # params.yaml says nothing of the profile; the run's own is recorded with its overlay
+    assert run["profile_name"] == "full" and run["profile"] == {"attack": {"batch_size": 8}}

@@ -240,6 +240,10 @@ def attack_report(rows: Sequence[dict], summary: dict, worst_case: dict, utility
     return out
 
 
+# the MSGR table's columns in the order the figures stage and published runs show them
+MSGR_COLUMNS = ("threat", "attack", "method", "msgr", "msgr_std", "verdict", "msgr_sim", "worst_case_msgr", "steps_to_relearn_ratio", "attack_is_real", "utility_presence")
+
+
 def msgr_table(reports: dict[str, dict]) -> list[dict]:
     """The MSGR table (DESIGN section 7) from the attack stages' metrics files
     (``reports[threat]`` as written by :func:`attack_report`): one row per (threat, attack,

@@ -29,11 +29,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from mci_lib import metrics, viz  # noqa: E402
+from mci_lib import artifacts, metrics, viz  # noqa: E402
 from mci_lib.config import resolve_profile  # noqa: E402
 PARTS = {"tables": ("reports/tables", "*"), "metrics": ("reports/metrics", "*.json"), "figures": ("reports/figures/results", "*.png")}
 FIGURES = "reports/figures"
-MSGR_COLUMNS = ["threat", "attack", "method", "msgr", "msgr_std", "verdict", "msgr_sim", "worst_case_msgr", "steps_to_relearn_ratio", "attack_is_real", "utility_presence"]
 
 
 def stage_times(notebooks: list[Path]) -> dict[str, dict]:
@@ -128,10 +127,10 @@ def publish(root: Path, name: str, stages: list[str] | None = None, profile: str
         (tmp / part).mkdir(parents=True)
         for path, published in files:
             shutil.copy2(path, tmp / part / published)
-    attacks = {f.stem.removeprefix("attack_"): json.loads(f.read_text()) for f, _ in parts.get("metrics", []) if f.stem.startswith("attack_")}
+    attacks = {f.stem.removeprefix("attack_"): artifacts.read_json(f) for f, _ in parts.get("metrics", []) if f.stem.startswith("attack_")}
     if stages and attacks:
         (tmp / "tables").mkdir()
-        (tmp / "tables" / "msgr.md").write_text(viz.markdown_table(metrics.msgr_table(attacks), MSGR_COLUMNS))
+        (tmp / "tables" / "msgr.md").write_text(viz.markdown_table(metrics.msgr_table(attacks), metrics.MSGR_COLUMNS))
     times = stage_times(notebooks)
     run = {
         "name": name,

@@ -152,8 +152,7 @@ def test_publish_of_an_attack_stage_run_under_another_profile_builds_its_msgr_ta
     (tmp_path / "dvc.yaml").write_text("stages:\n  attack_personalize:\n    cmd: run\n    metrics:\n      - reports/metrics/attack_personalize.json:\n          cache: false\n")
     (tmp_path / "profiles").mkdir()
     (tmp_path / "profiles/full.yaml").write_text("attack:\n  batch_size: 8\n")
-    one = {"dreambooth": {"mima": 12.34}}
-    report = {"msgr": one, "msgr_std": {"dreambooth": {"mima": 5.0}}, "verdict": {"dreambooth": {"mima": "slower"}},
+    report = {"msgr": {"dreambooth": {"mima": 12.34}}, "msgr_std": {"dreambooth": {"mima": 5.0}}, "verdict": {"dreambooth": {"mima": "slower"}},
               "msgr_sim": {"dreambooth": {"mima": 3.21}}, "worst_case_msgr": {"dreambooth": {"mima": -7.77}},
               "steps_to_relearn_ratio": {"dreambooth": {"mima": 1.25}}, "attack_is_real": {"dreambooth": True},
               "utility_presence": {"mima": 0.8776}}

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import shutil
@@ -86,9 +87,23 @@ def atomic_file(target: str | Path, mode: str = "w") -> Iterator[Any]:
         raise
 
 
+def _strict(value: Any) -> Any:
+    """``value`` with every nan or +-inf float (anywhere in dicts, lists and tuples) as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def write_json(path: str | Path, data: Any) -> Path:
+    """``data`` as indented JSON with sorted keys. A nan or +-inf float (an undefined number, such as
+    the spread of a single seed) is written as null: Python's ``NaN`` is not JSON, and DVC, jq and
+    JavaScript reject it."""
     with atomic_file(path) as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
+        json.dump(_strict(data), fh, indent=2, sort_keys=True, allow_nan=False)
         fh.write("\n")
     return Path(path)
 

@@ -249,20 +249,24 @@ def msgr_table(reports: dict[str, dict]) -> list[dict]:
     (``reports[threat]`` as written by :func:`attack_report`): one row per (threat, attack,
     method) with MSGR on presence (mean and spread across seeds), its verdict, MSGR on sim, the
     worst case over the budget sweep, the steps-to-relearn ratio, whether the attack is real, and
-    the method's utility presence. Numbers are rounded for display."""
+    the method's utility presence. Numbers are rounded for display; an undefined one (nan in
+    memory, null in a metrics file: the spread of one seed) shows as ``n/a``."""
+
+    def shown(value: float | None, digits: int = 1) -> float | str:
+        return "n/a" if value is None or value != value else round(value, digits)
+
     out = []
     for threat, report in reports.items():
         for attack, methods in report["msgr"].items():
             for method, value in methods.items():
-                std = report["msgr_std"][attack][method]
                 out.append({
                     "threat": threat, "attack": attack, "method": method,
-                    "msgr": round(value, 1), "msgr_std": round(std, 1) if std == std else "n/a",
+                    "msgr": shown(value), "msgr_std": shown(report["msgr_std"][attack][method]),
                     "verdict": report["verdict"][attack][method],
-                    "msgr_sim": round(report["msgr_sim"][attack][method], 1),
-                    "worst_case_msgr": round(report["worst_case_msgr"][attack][method], 1),
-                    "steps_to_relearn_ratio": round(report["steps_to_relearn_ratio"][attack][method], 2),
+                    "msgr_sim": shown(report["msgr_sim"][attack][method]),
+                    "worst_case_msgr": shown(report["worst_case_msgr"][attack][method]),
+                    "steps_to_relearn_ratio": shown(report["steps_to_relearn_ratio"][attack][method], 2),
                     "attack_is_real": bool(report["attack_is_real"][attack]),
-                    "utility_presence": round(report["utility_presence"][method], 3),
+                    "utility_presence": shown(report["utility_presence"][method], 3),
                 })
     return out

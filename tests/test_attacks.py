@@ -1,12 +1,13 @@
 """Each attack trains exactly what it claims, from the saved folder, and the attack metrics compute
 what DESIGN section 7 defines."""
 
+import json
 import math
 
 import pytest
 import torch
 
-from mci_lib import attacks, data, metrics, models
+from mci_lib import artifacts, attacks, data, metrics, models
 from mci_lib.models import is_cross_attention_kv
 
 
@@ -177,6 +178,21 @@ def test_attack_report_keys_and_the_real_attack_check():
     assert r["no_immunization_final_presence_per_concept"]["full"] == {"heart": 0.5, "star": 0.9}
     assert r["attack_is_real"] == {"full": False}  # heart stays at 0.5 < 0.7
     assert r["steps_to_relearn_ratio"]["full"]["mima"] == pytest.approx(1.0)
+
+
+def test_a_metrics_file_with_a_one_seed_spread_is_strict_json_and_its_table_says_n_a(tmp_path):
+    # a sweep point scored on one seed has no spread: nan in memory, null on disk, n/a in the table
+    report = {"msgr": {"lora": {"mima": 12.34}}, "msgr_std": {"lora": {"mima": float("nan")}}, "verdict": {"lora": {"mima": "one seed"}},
+              "msgr_sim": {"lora": {"mima": 3.21}}, "worst_case_msgr": {"lora": {"mima": -7.77}},
+              "steps_to_relearn_ratio": {"lora": {"mima": 1.0}}, "attack_is_real": {"lora": True}, "utility_presence": {"mima": 0.8776},
+              "per_seed": [1.5, float("-inf")]}
+    path = artifacts.write_json(tmp_path / "attack_relearn.json", report)
+    strict = json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert strict["msgr_std"]["lora"]["mima"] is None
+    assert strict["per_seed"] == [1.5, None] and strict["msgr"]["lora"]["mima"] == 12.34
+    for loaded in (report, strict):
+        row = metrics.msgr_table({"relearn": loaded})[0]
+        assert (row["msgr"], row["msgr_std"], row["msgr_sim"], row["worst_case_msgr"]) == (12.3, "n/a", 3.2, -7.8)
 
 
 def test_dreambooth_writes_a_distinct_rare_identifier_token_attacks_the_placeholder():

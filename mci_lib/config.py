@@ -171,7 +171,8 @@ class ImmunizeConfig:
     # unconditional prediction that classifier-free guidance subtracts at every sampling step
     utility_uncond: float = 0.0
     # the outer concept term: neg (-L at the merged attacker, unbounded), cap (-min(L, objective_cap)),
-    # gap (-(L at the merged attacker - L at theta): the attacker's step must not help)
+    # gap (-(L at the merged attacker - L at theta): the attacker's step must not help),
+    # ratio (-(L at the merged attacker / L at theta), per concept: scale-free)
     objective: str = "neg"
     objective_cap: float = 1.0
     merge: str = "hard"  # hard | soft
@@ -190,7 +191,7 @@ class ImmunizeConfig:
             "outer_params": ("kv", "cross_attn", "unet"),
             "merge": ("hard", "soft"),
             "utility": ("denoise", "distill"),
-            "objective": ("neg", "cap", "gap"),
+            "objective": ("neg", "cap", "gap", "ratio"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

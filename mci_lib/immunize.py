@@ -359,7 +359,7 @@ class BatchShards:
         y = {n: v.detach().requires_grad_(True) for n, v in phi.items()}
         concept_batch, prior_batch = batches.outer[0]
         concept = self._losses(unet, {**params, **y}, [concept_batch], alphas_cumprod)[0]
-        at_theta = [prior_batch] + ([concept_batch] if cfg.objective == "gap" else [])
+        at_theta = [prior_batch] + ([concept_batch] if cfg.objective in ("gap", "ratio") else [])
         mine = [self.part(b) for b in at_theta]
         pred, noise = predictions_at(unet, params, [b for b, _ in mine], alphas_cumprod)
         per_batch = [loss * share for loss, (_, share) in zip(_per_batch_mse(pred, noise, [b for b, _ in mine]), mine)]
@@ -371,13 +371,18 @@ class BatchShards:
             keep = weight * _per_batch_mse(pred[: target.shape[0]], target, [mine[0][0]])[0] * mine[0][1]
         else:
             keep = weight * utility
-        at_theta_concept = per_batch[1] if cfg.objective == "gap" else torch.zeros((), dtype=concept.dtype, device=concept.device)
+        at_theta_concept = per_batch[1] if cfg.objective in ("gap", "ratio") else torch.zeros((), dtype=concept.dtype, device=concept.device)
         sums = self.sum([torch.stack([concept.detach(), utility.detach(), keep.detach(), at_theta_concept.detach()]).double()])[0]
         if cfg.objective == "cap":
             attack_term = concept if sums[0] <= cfg.objective_cap else concept * 0.0  # clamp's gradient on the whole batch's loss
             attack_total = torch.clamp(sums[0], max=cfg.objective_cap)
         elif cfg.objective == "gap":
             attack_term, attack_total = concept - per_batch[1], sums[0] - sums[3]
+        elif cfg.objective == "ratio":
+            # A / B of the summed losses; its gradient dA / B - A dB / B^2 is linear in this
+            # process's shares of A and B, so the processes' terms sum to the whole gradient
+            a, b = sums[0].to(concept.dtype), sums[3].to(concept.dtype)
+            attack_term, attack_total = concept / b - a * per_batch[1] / b**2, sums[0] / sums[3]
         else:
             attack_term, attack_total = concept, sums[0]
         self._pending = (-attack_term + keep, y, steps, inner_names, create_graph)
@@ -429,7 +434,9 @@ def outer_objective(
     "neg"``, DESIGN section 6), that loss capped at ``cfg.objective_cap`` (``cap``: once the
     attacker's loss is high enough the step spends itself on utility), or the gap
     ``L(theta_m; D_n) - L(theta; D_n)`` (``gap``: the attacker's own step must make the concept
-    worse, not only start it from a bad point).
+    worse, not only start it from a bad point), or the ratio ``L(theta_m; D_n) / L(theta; D_n)``
+    (``ratio``: scale-free, so a concept that is already hard at theta counts no more than one that
+    is easy; both losses carry gradient, as in ``gap``).
 
     With ``shards``, this process computes the attackers and loss terms of its own concepts only
     (see :class:`ConceptShards`); the returned loss is its share, the reported parts are totals.
@@ -451,8 +458,8 @@ def outer_objective(
     concept_parts = diffusion_losses_at(unet, {**params, **merged}, concept_batches, alphas_cumprod)
     concept = sum(concept_parts)
     priors = [batches.outer[n][1] for n in mine]
-    # the utility batches and, for the gap objective, the concept batches at theta: one UNet call
-    at_theta = priors + (concept_batches if cfg.objective == "gap" else [])
+    # the utility batches and, for the gap and ratio objectives, the concept batches at theta: one UNet call
+    at_theta = priors + (concept_batches if cfg.objective in ("gap", "ratio") else [])
     pred, noise = predictions_at(unet, params, at_theta, alphas_cumprod)
     per_batch = _per_batch_mse(pred, noise, at_theta)
     utility = sum(per_batch[: len(priors)])
@@ -467,6 +474,8 @@ def outer_objective(
         attack_term = sum(torch.clamp(part, max=cfg.objective_cap) for part in concept_parts)
     elif cfg.objective == "gap":
         attack_term = concept - sum(per_batch[len(priors) :])
+    elif cfg.objective == "ratio":
+        attack_term = sum(at_m / at_t for at_m, at_t in zip(concept_parts, per_batch[len(priors) :]))
     else:
         attack_term = concept
     loss = -attack_term + keep

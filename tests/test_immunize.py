@@ -175,3 +175,22 @@ def test_bounded_objectives(setup):
     # every concept loss is above 1e-6, so the capped term is the constant -n * cap
     assert torch.allclose(losses["cap"], -2e-6 + cfg.prior_weight * utility, atol=1e-10)
     assert _flat_grad(theta, losses["cap"]).abs().sum() > 0  # the utility term still moves theta
+
+
+def test_ratio_objective_divides_each_concept_loss_at_the_merged_attacker_by_its_loss_at_theta(setup):
+    unet, concepts, prior, abar, ctx, cfg, batches = setup
+    theta, frozen, inner = _split(unet, cfg)
+    loss, info = im.outer_objective(unet, theta, frozen, inner, batches, abar, replace(cfg, objective="ratio"), ctx, create_graph=False)
+    # the same merged attacker, built step by step from the public pieces
+    params = {**frozen, **theta}
+    adapted = [im.simulate_attacker(unet, params, inner, b, abar, cfg, False) for b in batches.inner]
+    merged, _ = im.merge_adapted(params, adapted, ctx)
+    at_merged = im.diffusion_losses_at(unet, {**params, **merged}, [d for d, _ in batches.outer], abar)
+    at_theta = im.diffusion_losses_at(unet, params, [d for d, _ in batches.outer], abar)
+    utility = sum(im.diffusion_losses_at(unet, params, [p for _, p in batches.outer], abar))
+    ratios = [m / t for m, t in zip(at_merged, at_theta)]
+    assert all(r > 0 for r in ratios) and not torch.allclose(ratios[0], ratios[1])
+    assert torch.allclose(loss, -sum(ratios) + cfg.prior_weight * utility, atol=1e-10)
+    assert info["concept_loss"] == pytest.approx(sum(at_merged).item() / 2, rel=1e-10)  # still the loss, not the ratio
+    with pytest.raises(Exception, match="objective"):
+        replace(cfg, objective="ratios")

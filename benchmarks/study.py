@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from mci_lib import attacks, data, immunize, judge, metrics, models, pretrain  # noqa: E402
 from mci_lib.artifacts import atomic_file, read_json, tree_hash, write_json  # noqa: E402
-from mci_lib.config import Params, load_params, params_to_dict  # noqa: E402
+from mci_lib.config import Params, for_threat, load_params, params_to_dict  # noqa: E402
 
 START = {"relearn": "erased", "personalize": "base"}
 
@@ -195,9 +195,9 @@ def main() -> None:
             continue
         # every row is scored on 2 attack seeds unless the base overrides say otherwise (the default
         # pipeline profile runs one)
-        p = load_params(args.params, None, {**STUDY_DEFAULTS, **args.base_overrides, **entry.get("overrides", {})})
-        torch.set_num_threads(p.threads)
         threat = entry.get("threat", "relearn")
+        p = for_threat(load_params(args.params, None, {**STUDY_DEFAULTS, **args.base_overrides, **entry.get("overrides", {})}), threat)
+        torch.set_num_threads(p.threads)
         # the shared inputs depend only on what the attacks and scoring read, not on immunize.*
         key = (threat, json.dumps({k: v for k, v in params_to_dict(p).items() if k != "immunize"}, sort_keys=True))
         if key not in studies:

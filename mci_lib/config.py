@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -147,6 +147,7 @@ class EraseConfig:
 
 
 METHODS = ("mima", "imma", "imma_joint", "imma_sequential")
+THREATS = ("relearn", "personalize")
 ATTACKS = ("full", "lora", "dreambooth", "dreambooth_lora", "textual_inversion", "custom_diffusion")
 
 
@@ -156,7 +157,9 @@ class ImmunizeConfig:
 
     methods: tuple[str, ...] = ("mima", "imma_joint", "imma_sequential")
     mode: str = "second_order"  # second_order | first_order | alternating
-    steps: int = 100
+    # outer steps: one number for every threat, or a mapping threat -> steps (resolved per run by
+    # :func:`for_threat`; a profile or override that sets a number sets it for every threat)
+    steps: Union[int, dict[str, int]] = 100
     batch_size: int = 4  # per concept, inner and outer
     inner_lr: float = 0.01
     inner_steps: int = 1
@@ -199,8 +202,11 @@ class ImmunizeConfig:
         for m in self.methods:
             if m not in METHODS:
                 raise ParamsError(f"immunize.methods: unknown method {m!r}; known: {', '.join(METHODS)}")
-        if self.steps < 1 or self.inner_steps < 1 or self.batch_size < 1:
-            raise ParamsError("immunize.steps, immunize.inner_steps and immunize.batch_size must be >= 1")
+        steps = self.steps if isinstance(self.steps, dict) else {"every threat": self.steps}
+        if isinstance(self.steps, dict) and set(steps) != set(THREATS):
+            raise ParamsError(f"immunize.steps: a mapping names every threat ({', '.join(THREATS)}) and nothing else; got {', '.join(steps) or 'none'}")
+        if min(steps.values(), default=0) < 1 or self.inner_steps < 1 or self.batch_size < 1:
+            raise ParamsError("immunize.steps (each threat's), immunize.inner_steps and immunize.batch_size must be >= 1")
         if not 0.0 <= self.utility_uncond < 1.0:
             raise ParamsError(f"immunize.utility_uncond: {self.utility_uncond} is not a share in [0, 1)")
 
@@ -336,7 +342,24 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, source)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key, source)
+        # int | dict[str, int]: a mapping is checked as one (its errors name the entry), else the number
+        mapping = [a for a in inner if typing.get_origin(a) is dict]
+        if isinstance(value, dict) and mapping:
+            return _coerce(value, mapping[0], key, source)
+        scalar = [a for a in inner if typing.get_origin(a) is not dict]
+        try:
+            return _coerce(value, scalar[0], key, source)
+        except ParamsError as err:
+            if mapping:
+                raise ParamsError(f"{err} (or a mapping of threats to it)") from None
+            raise
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{source}: key '{key}' must be a mapping, got {value!r}")
+        _, elem = typing.get_args(tp)
+        return {str(k): _coerce(v, elem, f"{key}.{k}", source) for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ParamsError(f"{source}: key '{key}' must be a list, got {value!r}")
@@ -466,6 +489,18 @@ def load_params(
     if overrides:
         source += " + overrides"
     return _build(Params, data, "", source)
+
+
+def for_threat(params: Params, threat: str) -> Params:
+    """``params`` for one threat's immunization: ``immunize.steps`` resolved to that threat's
+    number when it is a mapping (params.yaml sets re-learning and personalization apart; README,
+    Results). Every entry point that immunizes calls it once, so the manifest records the number run."""
+    if threat not in THREATS:
+        raise ParamsError(f"threat {threat!r} is not one of {', '.join(THREATS)}")
+    steps = params.immunize.steps
+    if not isinstance(steps, dict):
+        return params
+    return dataclasses.replace(params, immunize=dataclasses.replace(params.immunize, steps=steps[threat]))
 
 
 def params_to_dict(params: Params) -> dict:

@@ -566,6 +566,8 @@ def run_mima(
     if rows is not None and cfg.batch_size < rows.world:
         raise ValueError(f"immunize.batch_size {cfg.batch_size} is smaller than the {rows.world} processes; raise it or launch fewer processes")
     steps = cfg.steps if steps is None else steps
+    if not isinstance(steps, int):
+        raise TypeError(f"immunize.steps is per threat ({steps}); resolve it first with mci_lib.config.for_threat(params, threat)")
     gen = torch.Generator().manual_seed(seed)
     outer_names = parameter_names(unet, cfg.outer_params)
     inner_names = parameter_names(unet, cfg.inner_params)
@@ -686,6 +688,8 @@ def immunize(
     :func:`run_mima`."""
     if not concepts:
         raise ValueError("immunize: no concepts given; set the threat's targets in params.yaml")
+    if not isinstance(cfg.steps, int):
+        raise TypeError(f"immunize.steps is per threat ({cfg.steps}); resolve it first with mci_lib.config.for_threat(params, threat)")
     if method == "mima":
         return run_mima(unet, concepts, prior, alphas_cumprod, cfg, ctx, seed, progress=progress, checkpoint_dir=checkpoint_dir, accelerator=accelerator)
     if method == "imma":

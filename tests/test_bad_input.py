@@ -126,7 +126,7 @@ def test_params_unknown_key():
 
 
 def test_params_wrong_type():
-    with pytest.raises(ParamsError, match=r"immunize\.steps' must be an integer"):
+    with pytest.raises(ParamsError, match=r"immunize\.steps' must be an integer, got 'many' \(or a mapping of threats"):
         load_params(ROOT / "params.yaml", overrides={"immunize.steps": "many"})
 
 

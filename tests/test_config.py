@@ -157,3 +157,25 @@ def test_overrides_as_text_as_papermill_passes_them():
         load_params(ROOT / "params.yaml", overrides="[1, 2]")
     with pytest.raises(ParamsError, match="immunize.stepz"):
         load_params(ROOT / "params.yaml", overrides='{"immunize.stepz": 20}')
+
+
+def test_immunize_steps_per_threat():
+    """``immunize.steps`` is one number or a mapping threat -> steps; ``for_threat`` resolves it,
+    a number set by a profile or override applies to every threat, and the immunizer refuses an
+    unresolved mapping."""
+    from mci_lib.config import for_threat
+    from mci_lib import immunize
+
+    p = load_params(ROOT / "params.yaml", overrides={"immunize.steps": {"relearn": 90, "personalize": 60}})
+    assert for_threat(p, "relearn").immunize.steps == 90 and for_threat(p, "personalize").immunize.steps == 60
+    assert for_threat(p, "relearn").immunize.outer_lr == p.immunize.outer_lr  # nothing else changes
+    flat = load_params(ROOT / "params.yaml", overrides={"immunize.steps": 20})
+    assert for_threat(flat, "relearn").immunize.steps == for_threat(flat, "personalize").immunize.steps == 20
+    with pytest.raises(ParamsError, match="names every threat"):
+        load_params(ROOT / "params.yaml", overrides={"immunize.steps": {"relearn": 90}})
+    with pytest.raises(ParamsError, match=r"immunize\.steps\.relearn' must be an integer"):
+        load_params(ROOT / "params.yaml", overrides={"immunize.steps": {"relearn": "x", "personalize": 60}})
+    with pytest.raises(ParamsError, match="threat 'relearning'"):
+        for_threat(p, "relearning")
+    with pytest.raises(TypeError, match="for_threat"):
+        immunize.immunize("mima", None, [object()], None, None, p.immunize, None, 0)

@@ -23,9 +23,10 @@ COLUMNS = ("name", "method", "overrides", "msgr", "verdict", "msgr_sim", "steps_
 
 
 def table_rows(rows: list[dict], attack: str) -> list[dict]:
-    """One table row per configuration: MSGR as mean +- std across seeds, and the rest as stored."""
+    """One table row per configuration scored on ``attack`` (rows of another threat's attacks are
+    left out): MSGR as mean +- std across seeds, and the rest as stored."""
     out = []
-    for r in rows:
+    for r in (r for r in rows if r.get(f"msgr_{attack}")):
         out.append({
             "name": r["name"], "method": r["method"], "overrides": r["overrides"].replace("|", "/"),
             "msgr": f"{float(r[f'msgr_{attack}']):.1f} +- {float(r[f'msgr_std_{attack}']):.1f}",
@@ -46,7 +47,7 @@ def main() -> None:
     rows = read_csv_rows(args.study)
     folder = args.study.parent
     write_text(folder / "study_table.md", viz.markdown_table(table_rows(rows, args.attack), COLUMNS))
-    print(f"{len(rows)} configurations -> {folder / 'study_table.md'}")
+    print(f"{len(table_rows(rows, args.attack))} of {len(rows)} configurations (those scored on {args.attack}) -> {folder / 'study_table.md'}")
     if args.curves:
         curves = []
         for name in args.curves:

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mci_lib import immunize as im  # noqa: E402
-from mci_lib.config import load_params  # noqa: E402
+from mci_lib.config import for_threat, load_params  # noqa: E402
 from mci_lib.merge import MergeFactor  # noqa: E402
 from mci_lib.models import build_tiny_pipeline, set_attention  # noqa: E402
 from mci_lib.sampling import sample_images  # noqa: E402
@@ -40,9 +40,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "reports" / "benchmarks" / "attention.json"))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sample-batch", type=int, default=None, help="images per sampling call (default: sampling.batch_size)")
+    ap.add_argument("--threat", default="personalize", help="whose immunize settings to time (params.yaml sets the parameter sets per threat): personalize, the default, is the K/V attacker and cross-attention immunized set the committed results were measured with; relearn is the whole UNet")
     args = ap.parse_args()
 
-    p = load_params(args.params, overrides=args.overrides)
+    p = for_threat(load_params(args.params, overrides=args.overrides), args.threat)
     torch.set_num_threads(p.threads)
     pipe = build_tiny_pipeline(p.model, ROOT / p.paths.clip_vocab, p.world.image_size, seed=0)
     unet = pipe.unet

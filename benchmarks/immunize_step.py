@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mci_lib import immunize as im  # noqa: E402
-from mci_lib.config import load_params  # noqa: E402
+from mci_lib.config import for_threat, load_params  # noqa: E402
 from mci_lib.merge import MergeFactor  # noqa: E402
 from mci_lib.models import build_tiny_pipeline  # noqa: E402
 
@@ -75,9 +75,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-concepts", type=int, default=4)
     ap.add_argument("--inner-steps", type=int, default=1, help="unrolled attacker steps (params.yaml's immunize.inner_steps is the pipeline's)")
+    ap.add_argument("--threat", default="personalize", help="whose immunize settings to time (params.yaml sets the parameter sets per threat): personalize, the default, is the K/V attacker and cross-attention immunized set the committed results were measured with; relearn is the whole UNet")
     args = ap.parse_args()
 
-    p = load_params(args.params)
+    p = for_threat(load_params(args.params), args.threat)
     torch.set_num_threads(p.threads)
     pipe = build_tiny_pipeline(p.model, ROOT / p.paths.clip_vocab, p.world.image_size, seed=0)
     unet = pipe.unet

@@ -151,25 +151,30 @@ THREATS = ("relearn", "personalize")
 ATTACKS = ("full", "lora", "dreambooth", "dreambooth_lora", "textual_inversion", "custom_diffusion")
 
 
+# immunize keys that may differ per threat (a mapping threat -> value; see for_threat)
+PER_THREAT = ("steps", "inner_params", "outer_params", "utility_weight")
+
+
 @dataclass(frozen=True)
 class ImmunizeConfig:
     """IMMA / MIMA and their baselines (DESIGN section 6)."""
 
     methods: tuple[str, ...] = ("mima", "imma_joint", "imma_sequential")
     mode: str = "second_order"  # second_order | first_order | alternating
-    # outer steps: one number for every threat, or a mapping threat -> steps (resolved per run by
-    # :func:`for_threat`; a profile or override that sets a number sets it for every threat)
+    # The keys of PER_THREAT (outer steps, the attacker's and the immunized parameter sets, the
+    # utility weight) take one value for every threat or a mapping threat -> value, resolved per run
+    # by :func:`for_threat`; a profile or override that sets one value sets it for every threat.
     steps: Union[int, dict[str, int]] = 100
     batch_size: int = 4  # per concept, inner and outer
     inner_lr: float = 0.01
     inner_steps: int = 1
     inner_update: str = "sgd"  # sgd | sign | adam
-    inner_params: str = "kv"  # kv | cross_attn | unet
-    outer_params: str = "cross_attn"  # kv | cross_attn | unet
+    inner_params: Union[str, dict[str, str]] = "kv"  # kv | cross_attn | unet
+    outer_params: Union[str, dict[str, str]] = "cross_attn"  # kv | cross_attn | unet
     outer_lr: float = 1e-4
     prior_weight: float = 1.0
     utility: str = "denoise"  # denoise | distill: the outer objective's utility term
-    utility_weight: Optional[float] = None  # its weight; null: prior_weight (DESIGN's lambda_pr in both places)
+    utility_weight: Optional[Union[float, dict[str, float]]] = None  # its weight; null: prior_weight (DESIGN's lambda_pr in both places)
     # share of the prior (utility) captions left empty, so the utility term also holds the
     # unconditional prediction that classifier-free guidance subtracts at every sampling step
     utility_uncond: float = 0.0
@@ -196,16 +201,20 @@ class ImmunizeConfig:
             "utility": ("denoise", "distill"),
             "objective": ("neg", "cap", "gap", "ratio"),
         }
+        per_threat = {}
+        for key in PER_THREAT:
+            value = getattr(self, key)
+            if isinstance(value, dict) and set(value) != set(THREATS):
+                raise ParamsError(f"immunize.{key}: a mapping names every threat ({', '.join(THREATS)}) and nothing else; got {', '.join(value) or 'none'}")
+            per_threat[key] = list(value.values()) if isinstance(value, dict) else [value]
         for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ParamsError(f"immunize.{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+            for value in per_threat.get(key, [getattr(self, key)]):
+                if value not in allowed:
+                    raise ParamsError(f"immunize.{key}: {value!r} is not one of {', '.join(allowed)}")
         for m in self.methods:
             if m not in METHODS:
                 raise ParamsError(f"immunize.methods: unknown method {m!r}; known: {', '.join(METHODS)}")
-        steps = self.steps if isinstance(self.steps, dict) else {"every threat": self.steps}
-        if isinstance(self.steps, dict) and set(steps) != set(THREATS):
-            raise ParamsError(f"immunize.steps: a mapping names every threat ({', '.join(THREATS)}) and nothing else; got {', '.join(steps) or 'none'}")
-        if min(steps.values(), default=0) < 1 or self.inner_steps < 1 or self.batch_size < 1:
+        if min(per_threat["steps"]) < 1 or self.inner_steps < 1 or self.batch_size < 1:
             raise ParamsError("immunize.steps (each threat's), immunize.inner_steps and immunize.batch_size must be >= 1")
         if not 0.0 <= self.utility_uncond < 1.0:
             raise ParamsError(f"immunize.utility_uncond: {self.utility_uncond} is not a share in [0, 1)")
@@ -492,15 +501,21 @@ def load_params(
 
 
 def for_threat(params: Params, threat: str) -> Params:
-    """``params`` for one threat's immunization: ``immunize.steps`` resolved to that threat's
-    number when it is a mapping (params.yaml sets re-learning and personalization apart; README,
-    Results). Every entry point that immunizes calls it once, so the manifest records the number run."""
+    """``params`` for one threat's immunization: every ``immunize`` key of :data:`PER_THREAT` that
+    is a mapping resolved to that threat's value (params.yaml sets re-learning and personalization
+    apart; README, Results). Every entry point that immunizes calls it once, so the manifest
+    records the values run."""
     if threat not in THREATS:
         raise ParamsError(f"threat {threat!r} is not one of {', '.join(THREATS)}")
-    steps = params.immunize.steps
-    if not isinstance(steps, dict):
+    resolved = {k: v[threat] for k in PER_THREAT if isinstance(v := getattr(params.immunize, k), dict)}
+    if not resolved:
         return params
-    return dataclasses.replace(params, immunize=dataclasses.replace(params.immunize, steps=steps[threat]))
+    return dataclasses.replace(params, immunize=dataclasses.replace(params.immunize, **resolved))
+
+
+def unresolved_per_threat(cfg: ImmunizeConfig) -> list[str]:
+    """The ``immunize`` keys of ``cfg`` still holding a per-threat mapping (see :func:`for_threat`)."""
+    return [k for k in PER_THREAT if isinstance(getattr(cfg, k), dict)]
 
 
 def params_to_dict(params: Params) -> dict:

@@ -35,7 +35,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .artifacts import checkpoint_step, load_training_state, save_training_state
-from .config import ImmunizeConfig
+from .config import ImmunizeConfig, unresolved_per_threat
 from .data import PERSONAL_SUBJECTS, concept_word, fresh_caption, load_images, real_prompts, select
 from .erase import token_rows
 from .merge import HardMergePlan, MergeFactor, hard_merge, merge_residual, soft_merge
@@ -527,6 +527,14 @@ def evaluate_objective(unet, theta, frozen, inner_names, eval_batches, alphas_cu
     return {k: float(np.mean([p[k] for p in parts])) for k in parts[0]}
 
 
+def _require_resolved(cfg, steps) -> None:
+    """Refuse a config whose per-threat keys (``mci_lib.config.PER_THREAT``) are still mappings."""
+    # ``steps``: the run's own number (run_mima takes one apart from cfg's, for IMMA-sequential)
+    unresolved = [k for k in unresolved_per_threat(cfg) if k != "steps"] + ([] if isinstance(steps, int) else ["steps"])
+    if unresolved:
+        raise TypeError(f"immunize.{', immunize.'.join(unresolved)} differ per threat; resolve them first with mci_lib.config.for_threat(params, threat)")
+
+
 def run_mima(
     unet: torch.nn.Module,
     concepts: Sequence[ConceptData],
@@ -566,8 +574,7 @@ def run_mima(
     if rows is not None and cfg.batch_size < rows.world:
         raise ValueError(f"immunize.batch_size {cfg.batch_size} is smaller than the {rows.world} processes; raise it or launch fewer processes")
     steps = cfg.steps if steps is None else steps
-    if not isinstance(steps, int):
-        raise TypeError(f"immunize.steps is per threat ({steps}); resolve it first with mci_lib.config.for_threat(params, threat)")
+    _require_resolved(cfg, steps)
     gen = torch.Generator().manual_seed(seed)
     outer_names = parameter_names(unet, cfg.outer_params)
     inner_names = parameter_names(unet, cfg.inner_params)
@@ -688,8 +695,7 @@ def immunize(
     :func:`run_mima`."""
     if not concepts:
         raise ValueError("immunize: no concepts given; set the threat's targets in params.yaml")
-    if not isinstance(cfg.steps, int):
-        raise TypeError(f"immunize.steps is per threat ({cfg.steps}); resolve it first with mci_lib.config.for_threat(params, threat)")
+    _require_resolved(cfg, cfg.steps)
     if method == "mima":
         return run_mima(unet, concepts, prior, alphas_cumprod, cfg, ctx, seed, progress=progress, checkpoint_dir=checkpoint_dir, accelerator=accelerator)
     if method == "imma":

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import MICRO, ROOT
-from mci_lib.config import load_params
+from mci_lib.config import for_threat, load_params
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,11 @@ def test_erase_and_immunize_notebooks_run_with_micro_parameters(pipeline_dir, cl
             assert (folder / "model_index.json").is_file() and (folder / "log.csv").is_file()
             delta = load_file(str(folder / "delta.safetensors"))
             assert 0 < len(delta) == m["changed_tensors"]
-            assert all(".attn2." in k for k in delta)  # the default outer set: cross-attention
+            # the default immunized set: the whole UNet against re-learning, cross-attention against personalization
+            outer = for_threat(load_params(ROOT / "params.yaml"), threat).immunize.outer_params
+            assert outer == {"relearn": "unet", "personalize": "cross_attn"}[threat]
+            in_cross_attention = [".attn2." in k for k in delta]
+            assert all(in_cross_attention) if outer == "cross_attn" else not all(in_cross_attention)
             assert m["steps"] == 2
             assert m["utility_frechet"] >= 0.0
 

@@ -513,11 +513,6 @@ def for_threat(params: Params, threat: str) -> Params:
     return dataclasses.replace(params, immunize=dataclasses.replace(params.immunize, **resolved))
 
 
-def unresolved_per_threat(cfg: ImmunizeConfig) -> list[str]:
-    """The ``immunize`` keys of ``cfg`` still holding a per-threat mapping (see :func:`for_threat`)."""
-    return [k for k in PER_THREAT if isinstance(getattr(cfg, k), dict)]
-
-
 def params_to_dict(params: Params) -> dict:
     """The resolved params as plain YAML-able data (tuples become lists), for manifests."""
 

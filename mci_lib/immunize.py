@@ -35,7 +35,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .artifacts import checkpoint_step, load_training_state, save_training_state
-from .config import ImmunizeConfig, unresolved_per_threat
+from .config import PER_THREAT, ImmunizeConfig
 from .data import PERSONAL_SUBJECTS, concept_word, fresh_caption, load_images, real_prompts, select
 from .erase import token_rows
 from .merge import HardMergePlan, MergeFactor, hard_merge, merge_residual, soft_merge
@@ -528,9 +528,9 @@ def evaluate_objective(unet, theta, frozen, inner_names, eval_batches, alphas_cu
 
 
 def _require_resolved(cfg, steps) -> None:
-    """Refuse a config whose per-threat keys (``mci_lib.config.PER_THREAT``) are still mappings."""
-    # ``steps``: the run's own number (run_mima takes one apart from cfg's, for IMMA-sequential)
-    unresolved = [k for k in unresolved_per_threat(cfg) if k != "steps"] + ([] if isinstance(steps, int) else ["steps"])
+    """Refuse a config whose per-threat keys (``mci_lib.config.PER_THREAT``) are still mappings;
+    ``steps`` is the run's own number (run_mima takes one apart from cfg's, for IMMA-sequential)."""
+    unresolved = [k for k in PER_THREAT if isinstance(steps if k == "steps" else getattr(cfg, k), dict)]
     if unresolved:
         raise TypeError(f"immunize.{', immunize.'.join(unresolved)} differ per threat; resolve them first with mci_lib.config.for_threat(params, threat)")
 

@@ -9,8 +9,11 @@ twice the passes, 2 (k + 1) N + 1. ``--inner-steps`` defaults to 1, the setting 
 immunization issue are stated for (2N + 1 and 4N + 1); the other settings are params.yaml's.
 Each ratio is the median over rounds of (step time / a plain step timed just before it). The
 ``work`` column is the floor counted from the passes the step really makes, each timed here in
-plain steps: the attacker's pass holds the concept and the prior batch, the utility pass all N
-prior batches, and the distillation term a no-grad pass of the starting model.
+plain steps, as separate UNet calls: the attacker's pass holds the concept and the prior batch,
+the utility pass all N prior batches, and the distillation term a no-grad pass of the starting
+model. With an attacker that trains Linear layers only (the K/V default here), MIMA runs the N
+concepts' attacker passes of each inner step as one UNet call, and the outer concept pass with the
+utility pass (``mci_lib.immunize.grouped_predictions``): a ratio to ``work`` below 1 is that batching.
 
     python benchmarks/immunize_step.py [--out reports/benchmarks/immunize_step.json] [--repeats 5] [--inner-steps 1]
 """

@@ -23,6 +23,7 @@ data, ``imma_sequential`` on one concept after another with the same total numbe
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,76 @@ def predictions_at(unet: torch.nn.Module, params: Params, batches: Sequence[Batc
     abar = alphas_cumprod.to(latents.dtype)[t].view(-1, 1, 1, 1)
     noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
     return functional_call(unet, params, (noisy, t, torch.cat([b.text for b in batches]))).sample, noise
+
+
+# the layer types whose weights may differ between the groups of one UNet call, each with its
+# function of an input batch and (weight, bias). Linear only: batching pays where the groups share
+# most of the network (the K/V attacker); with the whole UNet differing, splitting every
+# convolution and norm as well measured no faster than separate calls (1.34-1.58 s per
+# re-learning step either way, benchmarks/immunize_step.py's setup, session 23)
+_GROUPABLE = {torch.nn.Linear: lambda module, x, w, b: F.linear(x, w, b)}
+
+
+def _groupable_layers(unet: torch.nn.Module, names: Sequence[str]) -> list[str] | None:
+    """The modules that own the tensors ``names`` (weights and biases), or None when one of them
+    belongs to a layer type outside ``_GROUPABLE``."""
+    layers = []
+    for name in names:
+        module_name, _, attr = name.rpartition(".")
+        if attr not in ("weight", "bias") or type(unet.get_submodule(module_name)) not in _GROUPABLE:
+            return None
+        if module_name not in layers:
+            layers.append(module_name)
+    return layers
+
+
+def _grouped_forward(x: torch.Tensor, module: torch.nn.Module, weights: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]], sizes: Sequence[int]) -> torch.Tensor:
+    """``module`` on consecutive sample groups of ``x``, group k with its own ``weights[k]``."""
+    if x.shape[0] != sum(sizes):
+        raise ValueError(f"grouped {type(module).__name__}: input batch {x.shape[0]} is not the groups' {sum(sizes)} samples")
+    op = _GROUPABLE[type(module)]
+    return torch.cat([op(module, part, w, b) for part, (w, b) in zip(x.split(list(sizes)), weights)])
+
+
+@contextlib.contextmanager
+def _per_group_layers(unet: torch.nn.Module, layers: Sequence[str], groups: Sequence[Params], sizes: Sequence[int]):
+    """Within the block, each module in ``layers`` applies group k's weight and bias (from
+    ``groups[k]``) to the k-th ``sizes[k]`` samples of its input; leaving it restores the modules."""
+    patched = []
+    try:
+        for name in layers:
+            module = unet.get_submodule(name)
+            weights = [(g.get(f"{name}.weight"), g.get(f"{name}.bias")) for g in groups]
+            module.forward = functools.partial(_grouped_forward, module=module, weights=weights, sizes=sizes)  # shadows the class's forward
+            patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
+def grouped_predictions(
+    unet: torch.nn.Module, groups: Sequence[tuple[Params, Sequence[Batch]]], differing: Sequence[str], alphas_cumprod: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[predictions_at(unet, params, batches) for params, batches in groups]``, where the groups'
+    parameter dicts hold the same tensors except those named ``differing``. When every differing
+    tensor belongs to an ``nn.Linear`` (the cross-attention projections of the K/V attacker and of
+    its merge), the groups go through one UNet call on all their samples, each Linear layer
+    applying each group's own weights to that group's samples: the same function as separate
+    calls (every UNet layer is per-sample), with the per-call cost of the small batches paid once.
+    Otherwise the calls are separate, in the groups' order."""
+    layers = _groupable_layers(unet, differing) if len(groups) > 1 else None
+    if layers is None:
+        return [predictions_at(unet, params, batches, alphas_cumprod) for params, batches in groups]
+    first = groups[0][0]
+    skip = set(differing)
+    for params, _ in groups[1:]:
+        if params.keys() != first.keys() or any(params[n] is not first[n] for n in first if n not in skip):
+            raise ValueError("grouped_predictions: the groups' parameters differ outside the tensors named as differing")
+    sizes = [sum(b.latents.shape[0] for b in batches) for _, batches in groups]
+    with _per_group_layers(unet, layers, [params for params, _ in groups], sizes):
+        pred, noise = predictions_at(unet, first, [b for _, batches in groups for b in batches], alphas_cumprod)
+    return list(zip(pred.split(sizes), noise.split(sizes)))
 
 
 def _per_batch_mse(a: torch.Tensor, b: torch.Tensor, batches: Sequence[Batch]) -> list[torch.Tensor]:
@@ -159,6 +230,48 @@ def simulate_attacker(
             new[n] = phi[n] - cfg.inner_lr * _update(g, cfg.inner_update)
         phi = new
     return phi
+
+
+def simulate_attackers(
+    unet: torch.nn.Module,
+    params: Params,
+    inner_names: Sequence[str],
+    batches: Sequence[Sequence[tuple[Batch, Batch]]],
+    alphas_cumprod: torch.Tensor,
+    cfg: ImmunizeConfig,
+    create_graph: bool,
+) -> list[Params]:
+    """:func:`simulate_attacker` for each concept ``n`` on its ``batches[n]``, all from ``params``.
+    When the attacker trains Linear layers only (the K/V attacker), every inner step of all the
+    concepts is one UNet call (:func:`grouped_predictions`) and one backward: each concept works
+    on its own alias of the starting tensors, so the gradient of the summed losses with respect to
+    concept n's alias is concept n's own gradient. Otherwise the concepts run one after another."""
+    if len(batches) == 1 or _groupable_layers(unet, inner_names) is None:
+        return [simulate_attacker(unet, params, inner_names, b, alphas_cumprod, cfg, create_graph) for b in batches]
+    start = {n: params[n] if params[n].requires_grad else params[n].detach().requires_grad_(True) for n in inner_names}
+    phis = [{n: v.view_as(v) for n, v in start.items()} for _ in batches]
+    for step in range(cfg.inner_steps):
+        groups = []
+        for phi, pairs in zip(phis, batches):
+            concept_batch, prior_batch = pairs[step % len(pairs)]
+            groups.append(({**params, **phi}, [concept_batch, prior_batch] if cfg.prior_weight else [concept_batch]))
+        loss = 0.0
+        for (pred, noise), (_, parts) in zip(grouped_predictions(unet, groups, inner_names, alphas_cumprod), groups):
+            losses = _per_batch_mse(pred, noise, parts)
+            loss = loss + (losses[0] + cfg.prior_weight * losses[1] if cfg.prior_weight else losses[0])
+        grads = torch.autograd.grad(loss, [phi[n] for phi in phis for n in inner_names], create_graph=create_graph, allow_unused=True)
+        new_phis = []
+        for k, phi in enumerate(phis):
+            new = {}
+            for n, g in zip(inner_names, grads[k * len(inner_names) : (k + 1) * len(inner_names)]):
+                if g is None:
+                    new[n] = phi[n]
+                    continue
+                g = g if create_graph else g.detach()
+                new[n] = phi[n] - cfg.inner_lr * _update(g, cfg.inner_update)
+            new_phis.append(new)
+        phis = new_phis
+    return phis
 
 
 @dataclass
@@ -448,19 +561,20 @@ def outer_objective(
     well it denoises). The reported ``utility_loss`` is always the denoising loss."""
     params = {**frozen, **theta}
     mine = [n for n in range(len(batches.inner)) if shards is None or shards.owns(n)]
-    own = {n: simulate_attacker(unet, params, inner_names, batches.inner[n], alphas_cumprod, cfg, create_graph) for n in mine}
+    own = dict(zip(mine, simulate_attackers(unet, params, inner_names, [batches.inner[n] for n in mine], alphas_cumprod, cfg, create_graph)))
     if shards is None:
         adapted = [own[n] for n in mine]
     else:
         adapted = shards.exchange(own, len(batches.inner), {k: params[k] for k in inner_names})
     merged, residual = merge_adapted(params, adapted, ctx)
     concept_batches = [batches.outer[n][0] for n in mine]
-    concept_parts = diffusion_losses_at(unet, {**params, **merged}, concept_batches, alphas_cumprod)
-    concept = sum(concept_parts)
     priors = [batches.outer[n][1] for n in mine]
-    # the utility batches and, for the gap and ratio objectives, the concept batches at theta: one UNet call
+    # the concept batches at the merged attacker; the utility batches and, for the gap and ratio
+    # objectives, the concept batches at theta (one UNet call for both when the merge changes Linear layers only)
     at_theta = priors + (concept_batches if cfg.objective in ("gap", "ratio") else [])
-    pred, noise = predictions_at(unet, params, at_theta, alphas_cumprod)
+    at_merged, (pred, noise) = grouped_predictions(unet, [({**params, **merged}, concept_batches), (params, at_theta)], list(merged), alphas_cumprod)
+    concept_parts = _per_batch_mse(*at_merged, concept_batches)
+    concept = sum(concept_parts)
     per_batch = _per_batch_mse(pred, noise, at_theta)
     utility = sum(per_batch[: len(priors)])
     weight = cfg.prior_weight if cfg.utility_weight is None else cfg.utility_weight
@@ -600,7 +714,7 @@ def run_mima(
         if cfg.mode == "alternating":
             # 2a. the attacker's merged update is written into theta, no graph through the merge
             current = {**frozen, **{n: v.detach() for n, v in theta.items()}}
-            adapted = [simulate_attacker(unet, current, inner_names, b, alphas_cumprod, cfg, False) for b in batches.inner]
+            adapted = simulate_attackers(unet, current, inner_names, batches.inner, alphas_cumprod, cfg, False)
             with torch.no_grad():
                 merged, residual = merge_adapted(current, [{n: v.detach() for n, v in a.items()} for a in adapted], ctx)
                 for n, v in merged.items():

@@ -194,3 +194,80 @@ def test_ratio_objective_divides_each_concept_loss_at_the_merged_attacker_by_its
     assert info["concept_loss"] == pytest.approx(sum(at_merged).item() / 2, rel=1e-10)  # still the loss, not the ratio
     with pytest.raises(Exception, match="objective"):
         replace(cfg, objective="ratios")
+
+
+def _unet_calls(unet):
+    """A counter of the UNet's forward calls (a forward pre-hook) and its handle."""
+    calls = []
+    return calls, unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+
+
+def test_grouped_predictions_equal_separate_calls_in_one_unet_call(setup):
+    """Groups that differ in cross-attention K/V only go through one UNet call, each group with
+    its own K/V weights: predictions and every group's gradient equal separate calls."""
+    unet, concepts, prior, abar, ctx, cfg, batches = setup
+    base = dict(unet.named_parameters())
+    kv = im.parameter_names(unet, "kv")
+    g = torch.Generator().manual_seed(5)
+    variants = [{n: (base[n].detach() + 0.1 * k * torch.randn(base[n].shape, generator=g, dtype=base[n].dtype)).requires_grad_(True) for n in kv} for k in range(3)]
+    groups = [({**base, **v}, list(pair)) for v, pair in zip(variants, [batches.outer[0], batches.outer[1], batches.inner[0][0]])]
+    calls, hook = _unet_calls(unet)
+    together = im.grouped_predictions(unet, groups, kv, abar)
+    hook.remove()
+    assert calls == [12]  # three groups of two batches of two, one call
+    apart = [im.predictions_at(unet, params, b, abar) for params, b in groups]
+    for (p1, n1), (p2, n2) in zip(together, apart):
+        assert torch.allclose(p1, p2, rtol=1e-10, atol=1e-12) and torch.equal(n1, n2)
+    weights = torch.randn(12, generator=g, dtype=torch.float64)
+    def grads(outs):
+        loss = sum(w * (p - n).pow(2).mean() for w, (p, n) in zip(weights, outs))
+        return torch.autograd.grad(loss, [v[n] for v in variants for n in kv])
+    for a, b in zip(grads(together), grads(apart)):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert all("forward" not in unet.get_submodule(n.rpartition(".")[0]).__dict__ for n in kv)  # modules restored
+
+
+def test_grouped_predictions_refuse_groups_that_differ_elsewhere_and_restore_modules(setup):
+    unet, concepts, prior, abar, ctx, cfg, batches = setup
+    base = dict(unet.named_parameters())
+    kv = im.parameter_names(unet, "kv")
+    other = next(n for n in base if n not in kv)
+    groups = [(base, [batches.outer[0][0]]), ({**base, other: base[other] + 1.0}, [batches.outer[1][0]])]
+    with pytest.raises(ValueError, match="differ outside"):
+        im.grouped_predictions(unet, groups, kv, abar)
+    # a tensor outside Linear layers among the differing ones: separate calls, in order
+    calls, hook = _unet_calls(unet)
+    out = im.grouped_predictions(unet, groups, kv + [other], abar)
+    hook.remove()
+    assert calls == [2, 2]
+    assert torch.allclose(out[1][0], im.predictions_at(unet, groups[1][0], groups[1][1], abar)[0], rtol=1e-12, atol=0)
+    # a failing call inside the grouped block leaves no patched module behind
+    bad = [(base, [batches.outer[0][0]]), ({**base, kv[0]: base[kv[0]][:, :-1]}, [batches.outer[1][0]])]
+    with pytest.raises(RuntimeError):
+        im.grouped_predictions(unet, bad, kv, abar)
+    assert all("forward" not in m.__dict__ for m in unet.modules())
+
+
+@pytest.mark.parametrize("create_graph", [True, False])
+def test_batched_attackers_equal_one_attacker_per_concept(setup, create_graph):
+    """simulate_attackers (every concept's inner step in one UNet call) gives each concept the
+    weights simulate_attacker gives it alone, and the same gradient back to theta."""
+    unet, concepts, prior, abar, ctx, cfg, batches = setup
+    cfg = replace(cfg, inner_steps=2)
+    theta, frozen, inner = _split(unet, cfg)
+    params = {**frozen, **theta}
+    calls, hook = _unet_calls(unet)
+    together = im.simulate_attackers(unet, params, inner, batches.inner, abar, cfg, create_graph)
+    hook.remove()
+    assert len(calls) == cfg.inner_steps
+    apart = [im.simulate_attacker(unet, params, inner, b, abar, cfg, create_graph) for b in batches.inner]
+    for a, b in zip(together, apart):
+        assert all(torch.allclose(a[n], b[n], rtol=1e-10, atol=1e-12) for n in inner)
+    probe = lambda out: sum((k + 1.0) * v.pow(2).sum() for k, a in enumerate(out) for v in a.values())  # noqa: E731
+    for x, y in zip(torch.autograd.grad(probe(together), list(theta.values())), torch.autograd.grad(probe(apart), list(theta.values()))):
+        assert torch.allclose(x, y, rtol=1e-9, atol=1e-12)
+    # the whole-UNet attacker keeps one call per concept and step
+    calls, hook = _unet_calls(unet)
+    im.simulate_attackers(unet, {n: p for n, p in unet.named_parameters()}, im.parameter_names(unet, "unet"), batches.inner, abar, cfg, False)
+    hook.remove()
+    assert len(calls) == len(batches.inner) * cfg.inner_steps

@@ -100,8 +100,9 @@ _GROUPABLE = {torch.nn.Linear: lambda module, x, w, b: F.linear(x, w, b)}
 
 
 def _groupable_layers(unet: torch.nn.Module, names: Sequence[str]) -> list[str] | None:
-    """The modules that own the tensors ``names`` (weights and biases), or None when one of them
-    belongs to a layer type outside ``_GROUPABLE``."""
+    """The modules that own the tensors ``names``, or None when one of them is not the weight or
+    bias of a layer whose type is exactly one in ``_GROUPABLE`` (subclasses, such as peft's LoRA
+    layers, run as separate calls)."""
     layers = []
     for name in names:
         module_name, _, attr = name.rpartition(".")
@@ -123,18 +124,25 @@ def _grouped_forward(x: torch.Tensor, module: torch.nn.Module, weights: Sequence
 @contextlib.contextmanager
 def _per_group_layers(unet: torch.nn.Module, layers: Sequence[str], groups: Sequence[Params], sizes: Sequence[int]):
     """Within the block, each module in ``layers`` applies group k's weight and bias (from
-    ``groups[k]``) to the k-th ``sizes[k]`` samples of its input; leaving it restores the modules."""
-    patched = []
+    ``groups[k]``, the module's own where a group leaves one out) to the k-th ``sizes[k]`` samples
+    of its input; leaving it restores each module's own ``forward`` (an instance one included)."""
+    saved: dict[int, tuple[torch.nn.Module, object]] = {}
     try:
         for name in layers:
             module = unet.get_submodule(name)
-            weights = [(g.get(f"{name}.weight"), g.get(f"{name}.bias")) for g in groups]
+            if id(module) in saved:  # one module under two names: patched once
+                continue
+            own = {attr: getattr(module, attr) for attr in ("weight", "bias")}
+            weights = [tuple(g.get(f"{name}.{attr}", own[attr]) for attr in ("weight", "bias")) for g in groups]
+            saved[id(module)] = (module, module.__dict__.get("forward"))
             module.forward = functools.partial(_grouped_forward, module=module, weights=weights, sizes=sizes)  # shadows the class's forward
-            patched.append(module)
         yield
     finally:
-        for module in patched:
-            del module.forward
+        for module, previous in saved.values():
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
 
 
 def grouped_predictions(
@@ -246,7 +254,7 @@ def simulate_attackers(
     concepts is one UNet call (:func:`grouped_predictions`) and one backward: each concept works
     on its own alias of the starting tensors, so the gradient of the summed losses with respect to
     concept n's alias is concept n's own gradient. Otherwise the concepts run one after another."""
-    if len(batches) == 1 or _groupable_layers(unet, inner_names) is None:
+    if len(batches) <= 1 or _groupable_layers(unet, inner_names) is None:
         return [simulate_attacker(unet, params, inner_names, b, alphas_cumprod, cfg, create_graph) for b in batches]
     start = {n: params[n] if params[n].requires_grad else params[n].detach().requires_grad_(True) for n in inner_names}
     phis = [{n: v.view_as(v) for n, v in start.items()} for _ in batches]

@@ -218,7 +218,7 @@ def test_grouped_predictions_equal_separate_calls_in_one_unet_call(setup):
     apart = [im.predictions_at(unet, params, b, abar) for params, b in groups]
     for (p1, n1), (p2, n2) in zip(together, apart):
         assert torch.allclose(p1, p2, rtol=1e-10, atol=1e-12) and torch.equal(n1, n2)
-    weights = torch.randn(12, generator=g, dtype=torch.float64)
+    weights = torch.randn(len(groups), generator=g, dtype=torch.float64)
     def grads(outs):
         loss = sum(w * (p - n).pow(2).mean() for w, (p, n) in zip(weights, outs))
         return torch.autograd.grad(loss, [v[n] for v in variants for n in kv])
@@ -254,6 +254,7 @@ def test_batched_attackers_equal_one_attacker_per_concept(setup, create_graph):
     weights simulate_attacker gives it alone, and the same gradient back to theta."""
     unet, concepts, prior, abar, ctx, cfg, batches = setup
     cfg = replace(cfg, inner_steps=2)
+    batches = im._sample_step_batches(concepts, prior, cfg, 1000, torch.Generator().manual_seed(6))  # a pair per inner step
     theta, frozen, inner = _split(unet, cfg)
     params = {**frozen, **theta}
     calls, hook = _unet_calls(unet)

@@ -91,34 +91,28 @@ def predictions_at(unet: torch.nn.Module, params: Params, batches: Sequence[Batc
     return functional_call(unet, params, (noisy, t, torch.cat([b.text for b in batches]))).sample, noise
 
 
-# the layer types whose weights may differ between the groups of one UNet call, each with its
-# function of an input batch and (weight, bias). Linear only: batching pays where the groups share
-# most of the network (the K/V attacker); with the whole UNet differing, splitting every
-# convolution and norm as well measured no faster than separate calls (1.34-1.58 s per
-# re-learning step either way, benchmarks/immunize_step.py's setup, session 23)
-_GROUPABLE = {torch.nn.Linear: lambda module, x, w, b: F.linear(x, w, b)}
-
-
-def _groupable_layers(unet: torch.nn.Module, names: Sequence[str]) -> list[str] | None:
-    """The modules that own the tensors ``names``, or None when one of them is not the weight or
-    bias of a layer whose type is exactly one in ``_GROUPABLE`` (subclasses, such as peft's LoRA
-    layers, run as separate calls)."""
+def _linear_layers(unet: torch.nn.Module, names: Sequence[str]) -> list[str] | None:
+    """The ``nn.Linear`` modules that own the tensors ``names``, or None when one of them is not the
+    weight or bias of a layer of exactly that type (subclasses, such as peft's LoRA layers, run as
+    separate calls). Linear only: batching pays where the groups share most of the network (the
+    K/V attacker); with the whole UNet differing, splitting every convolution and norm as well
+    measured no faster than separate calls (1.34-1.58 s per re-learning step either way,
+    benchmarks/immunize_step.py's setup, session 23)."""
     layers = []
     for name in names:
         module_name, _, attr = name.rpartition(".")
-        if attr not in ("weight", "bias") or type(unet.get_submodule(module_name)) not in _GROUPABLE:
+        if attr not in ("weight", "bias") or type(unet.get_submodule(module_name)) is not torch.nn.Linear:
             return None
         if module_name not in layers:
             layers.append(module_name)
     return layers
 
 
-def _grouped_forward(x: torch.Tensor, module: torch.nn.Module, weights: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]], sizes: Sequence[int]) -> torch.Tensor:
-    """``module`` on consecutive sample groups of ``x``, group k with its own ``weights[k]``."""
+def _grouped_linear(x: torch.Tensor, weights: Sequence[tuple[torch.Tensor, torch.Tensor | None]], sizes: Sequence[int]) -> torch.Tensor:
+    """A linear layer on consecutive sample groups of ``x``, group k with its own ``weights[k]``."""
     if x.shape[0] != sum(sizes):
-        raise ValueError(f"grouped {type(module).__name__}: input batch {x.shape[0]} is not the groups' {sum(sizes)} samples")
-    op = _GROUPABLE[type(module)]
-    return torch.cat([op(module, part, w, b) for part, (w, b) in zip(x.split(list(sizes)), weights)])
+        raise ValueError(f"grouped linear layer: input batch {x.shape[0]} is not the groups' {sum(sizes)} samples")
+    return torch.cat([F.linear(part, w, b) for part, (w, b) in zip(x.split(list(sizes)), weights)])
 
 
 @contextlib.contextmanager
@@ -135,7 +129,7 @@ def _per_group_layers(unet: torch.nn.Module, layers: Sequence[str], groups: Sequ
             own = {attr: getattr(module, attr) for attr in ("weight", "bias")}
             weights = [tuple(g.get(f"{name}.{attr}", own[attr]) for attr in ("weight", "bias")) for g in groups]
             saved[id(module)] = (module, module.__dict__.get("forward"))
-            module.forward = functools.partial(_grouped_forward, module=module, weights=weights, sizes=sizes)  # shadows the class's forward
+            module.forward = functools.partial(_grouped_linear, weights=weights, sizes=sizes)  # shadows the class's forward
         yield
     finally:
         for module, previous in saved.values():
@@ -155,7 +149,7 @@ def grouped_predictions(
     applying each group's own weights to that group's samples: the same function as separate
     calls (every UNet layer is per-sample), with the per-call cost of the small batches paid once.
     Otherwise the calls are separate, in the groups' order."""
-    layers = _groupable_layers(unet, differing) if len(groups) > 1 else None
+    layers = _linear_layers(unet, differing) if len(groups) > 1 else None
     if layers is None:
         return [predictions_at(unet, params, batches, alphas_cumprod) for params, batches in groups]
     first = groups[0][0]
@@ -204,6 +198,24 @@ def _update(g: torch.Tensor, rule: str) -> torch.Tensor:
     raise ValueError(f"unknown inner update {rule!r}")
 
 
+def _attacker_start(params: Params, inner_names: Sequence[str]) -> Params:
+    """The attacker's starting tensors: inner tensors outside the immunized set (frozen, detached)
+    still need a gradient."""
+    return {n: params[n] if params[n].requires_grad else params[n].detach().requires_grad_(True) for n in inner_names}
+
+
+def _attacker_step(phi: Params, inner_names: Sequence[str], grads: Sequence[torch.Tensor | None], cfg: ImmunizeConfig, create_graph: bool) -> Params:
+    """One attacker update ``phi - inner_lr * update(g)``; a tensor without a gradient stays; the
+    gradient is a constant unless ``create_graph``."""
+    new = {}
+    for n, g in zip(inner_names, grads):
+        if g is None:
+            new[n] = phi[n]
+            continue
+        new[n] = phi[n] - cfg.inner_lr * _update(g if create_graph else g.detach(), cfg.inner_update)
+    return new
+
+
 def simulate_attacker(
     unet: torch.nn.Module,
     params: Params,
@@ -217,8 +229,7 @@ def simulate_attacker(
     ``phi <- phi - inner_lr * update(grad [L(phi; D) + prior_weight L(phi; P)])``, one (D, P)
     batch pair per step. Returns the adapted tensors by name. With ``create_graph`` the result is
     differentiable through the gradient (second order); otherwise the gradient is a constant."""
-    # inner tensors outside the immunized set (frozen, detached) still need a gradient here
-    phi = {n: params[n] if params[n].requires_grad else params[n].detach().requires_grad_(True) for n in inner_names}
+    phi = _attacker_start(params, inner_names)
     for step in range(cfg.inner_steps):
         concept_batch, prior_batch = batches[step % len(batches)]
         current = {**params, **phi}
@@ -229,14 +240,7 @@ def simulate_attacker(
             loss = diffusion_loss_at(unet, current, concept_batch, alphas_cumprod)
         wrt = [phi[n] for n in inner_names]
         grads = torch.autograd.grad(loss, wrt, create_graph=create_graph, allow_unused=True)
-        new = {}
-        for n, g in zip(inner_names, grads):
-            if g is None:
-                new[n] = phi[n]
-                continue
-            g = g if create_graph else g.detach()
-            new[n] = phi[n] - cfg.inner_lr * _update(g, cfg.inner_update)
-        phi = new
+        phi = _attacker_step(phi, inner_names, grads, cfg, create_graph)
     return phi
 
 
@@ -254,9 +258,9 @@ def simulate_attackers(
     concepts is one UNet call (:func:`grouped_predictions`) and one backward: each concept works
     on its own alias of the starting tensors, so the gradient of the summed losses with respect to
     concept n's alias is concept n's own gradient. Otherwise the concepts run one after another."""
-    if len(batches) <= 1 or _groupable_layers(unet, inner_names) is None:
+    if len(batches) <= 1 or _linear_layers(unet, inner_names) is None:
         return [simulate_attacker(unet, params, inner_names, b, alphas_cumprod, cfg, create_graph) for b in batches]
-    start = {n: params[n] if params[n].requires_grad else params[n].detach().requires_grad_(True) for n in inner_names}
+    start = _attacker_start(params, inner_names)
     phis = [{n: v.view_as(v) for n, v in start.items()} for _ in batches]
     for step in range(cfg.inner_steps):
         groups = []
@@ -268,17 +272,8 @@ def simulate_attackers(
             losses = _per_batch_mse(pred, noise, parts)
             loss = loss + (losses[0] + cfg.prior_weight * losses[1] if cfg.prior_weight else losses[0])
         grads = torch.autograd.grad(loss, [phi[n] for phi in phis for n in inner_names], create_graph=create_graph, allow_unused=True)
-        new_phis = []
-        for k, phi in enumerate(phis):
-            new = {}
-            for n, g in zip(inner_names, grads[k * len(inner_names) : (k + 1) * len(inner_names)]):
-                if g is None:
-                    new[n] = phi[n]
-                    continue
-                g = g if create_graph else g.detach()
-                new[n] = phi[n] - cfg.inner_lr * _update(g, cfg.inner_update)
-            new_phis.append(new)
-        phis = new_phis
+        per = len(inner_names)
+        phis = [_attacker_step(phi, inner_names, grads[k * per : (k + 1) * per], cfg, create_graph) for k, phi in enumerate(phis)]
     return phis
 
 

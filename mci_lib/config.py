@@ -169,6 +169,10 @@ class ImmunizeConfig:
     inner_lr: float = 0.01
     inner_steps: int = 1
     inner_update: str = "sgd"  # sgd | sign | adam
+    # second_order only: how many of the last attacker steps the outer gradient differentiates
+    # through (0: all of them); the earlier steps' gradients are held constant, as first_order
+    # holds every step's, so only the last steps' Hessian terms are kept (truncated unrolling)
+    second_order_steps: int = 0
     inner_params: Union[str, dict[str, str]] = "kv"  # kv | cross_attn | unet
     outer_params: Union[str, dict[str, str]] = "cross_attn"  # kv | cross_attn | unet
     outer_lr: float = 1e-4
@@ -216,6 +220,8 @@ class ImmunizeConfig:
                 raise ParamsError(f"immunize.methods: unknown method {m!r}; known: {', '.join(METHODS)}")
         if min(per_threat["steps"]) < 1 or self.inner_steps < 1 or self.batch_size < 1:
             raise ParamsError("immunize.steps (each threat's), immunize.inner_steps and immunize.batch_size must be >= 1")
+        if not 0 <= self.second_order_steps <= self.inner_steps:
+            raise ParamsError(f"immunize.second_order_steps: {self.second_order_steps} is not between 0 (every step) and immunize.inner_steps ({self.inner_steps})")
         if not 0.0 <= self.utility_uncond < 1.0:
             raise ParamsError(f"immunize.utility_uncond: {self.utility_uncond} is not a share in [0, 1)")
 

@@ -10,7 +10,9 @@ Every evaluation goes through ``torch.func.functional_call`` with explicit param
 simulated attacker never writes into the module or into the tensors it was handed. Modes:
 
 - ``second_order``: the inner gradient keeps its graph (``create_graph=True``); the outer gradient
-  flows through the merge *and* through theta'_n(theta), including the Hessian term.
+  flows through the merge *and* through theta'_n(theta), including the Hessian term. With
+  ``second_order_steps`` k > 0 of ``inner_steps`` K (truncated unrolling), only the last k attacker
+  steps keep their graph; the first K - k steps' gradients are constants, as in ``first_order``.
 - ``first_order``: the inner gradient is a constant; the outer gradient flows through the merge
   (and the identity part of theta'_n) only.
 - ``alternating``: the released reference code's dynamic: the merged attacker update is written
@@ -216,6 +218,12 @@ def _attacker_step(phi: Params, inner_names: Sequence[str], grads: Sequence[torc
     return new
 
 
+def _differentiated(step: int, cfg: ImmunizeConfig, create_graph: bool) -> bool:
+    """Whether attacker step ``step`` keeps its graph: every step under ``create_graph``, or only
+    the last ``cfg.second_order_steps`` of them when that is set (truncated unrolling)."""
+    return create_graph and (cfg.second_order_steps == 0 or step >= cfg.inner_steps - cfg.second_order_steps)
+
+
 def simulate_attacker(
     unet: torch.nn.Module,
     params: Params,
@@ -228,9 +236,11 @@ def simulate_attacker(
     """``cfg.inner_steps`` attacker steps on ``inner_names`` from ``params`` (never mutated):
     ``phi <- phi - inner_lr * update(grad [L(phi; D) + prior_weight L(phi; P)])``, one (D, P)
     batch pair per step. Returns the adapted tensors by name. With ``create_graph`` the result is
-    differentiable through the gradient (second order); otherwise the gradient is a constant."""
+    differentiable through the gradient (second order; through the last ``cfg.second_order_steps``
+    steps' gradients only when that is set); otherwise the gradient is a constant."""
     phi = _attacker_start(params, inner_names)
     for step in range(cfg.inner_steps):
+        graph = _differentiated(step, cfg, create_graph)
         concept_batch, prior_batch = batches[step % len(batches)]
         current = {**params, **phi}
         if cfg.prior_weight:
@@ -239,8 +249,8 @@ def simulate_attacker(
         else:
             loss = diffusion_loss_at(unet, current, concept_batch, alphas_cumprod)
         wrt = [phi[n] for n in inner_names]
-        grads = torch.autograd.grad(loss, wrt, create_graph=create_graph, allow_unused=True)
-        phi = _attacker_step(phi, inner_names, grads, cfg, create_graph)
+        grads = torch.autograd.grad(loss, wrt, create_graph=graph, allow_unused=True)
+        phi = _attacker_step(phi, inner_names, grads, cfg, graph)
     return phi
 
 
@@ -263,6 +273,7 @@ def simulate_attackers(
     start = _attacker_start(params, inner_names)
     phis = [{n: v.view_as(v) for n, v in start.items()} for _ in batches]
     for step in range(cfg.inner_steps):
+        graph = _differentiated(step, cfg, create_graph)
         groups = []
         for phi, pairs in zip(phis, batches):
             concept_batch, prior_batch = pairs[step % len(pairs)]
@@ -271,9 +282,9 @@ def simulate_attackers(
         for (pred, noise), (_, parts) in zip(grouped_predictions(unet, groups, inner_names, alphas_cumprod), groups):
             losses = _per_batch_mse(pred, noise, parts)
             loss = loss + (losses[0] + cfg.prior_weight * losses[1] if cfg.prior_weight else losses[0])
-        grads = torch.autograd.grad(loss, [phi[n] for phi in phis for n in inner_names], create_graph=create_graph, allow_unused=True)
+        grads = torch.autograd.grad(loss, [phi[n] for phi in phis for n in inner_names], create_graph=graph, allow_unused=True)
         per = len(inner_names)
-        phis = [_attacker_step(phi, inner_names, grads[k * per : (k + 1) * per], cfg, create_graph) for k, phi in enumerate(phis)]
+        phis = [_attacker_step(phi, inner_names, grads[k * per : (k + 1) * per], cfg, graph) for k, phi in enumerate(phis)]
     return phis
 
 
@@ -452,6 +463,7 @@ class BatchShards:
         steps = []
         phi = {n: params[n].detach() for n in inner_names}
         for k in range(cfg.inner_steps):
+            graph = _differentiated(k, cfg, create_graph)
             concept_batch, prior_batch = batches.inner[0][k % len(batches.inner[0])]
             x = {n: v.detach().requires_grad_(True) for n, v in phi.items()}
             current = {**params, **x}
@@ -460,14 +472,14 @@ class BatchShards:
                 loss = concept_loss + cfg.prior_weight * prior_loss
             else:
                 loss = self._losses(unet, current, [concept_batch], alphas_cumprod)[0]
-            local = torch.autograd.grad(loss, [x[n] for n in inner_names], create_graph=create_graph, allow_unused=True)
+            local = torch.autograd.grad(loss, [x[n] for n in inner_names], create_graph=graph, allow_unused=True)
             total = _sum_across(local, [x[n] for n in inner_names])
             out = {}
             for n, g, G in zip(inner_names, local, total):
                 if G is None:  # no gradient on any process: no update, as in one process
                     continue
                 # the value is the summed gradient exactly; the graph reaches this process's share
-                g_total = G + (g - g.detach()) if create_graph and g is not None else G
+                g_total = G + (g - g.detach()) if graph and g is not None else G
                 out[n] = -cfg.inner_lr * _update(g_total, cfg.inner_update)
             steps.append((x, out))
             phi = {n: (x[n] + out[n]).detach() if n in out else x[n].detach() for n in inner_names}

@@ -55,6 +55,13 @@ def test_dotted_overrides_and_manifest_form():
         load_params(ROOT / "params.yaml", overrides={"sampling.samplez": 3})
 
 
+def test_second_order_steps_beyond_the_attacker_steps_is_refused_and_named():
+    p = load_params(ROOT / "params.yaml", overrides={"immunize.second_order_steps": 1})
+    assert p.immunize.second_order_steps == 1
+    with pytest.raises(ParamsError, match=r"immunize.second_order_steps: 4 is not between 0 .* \(3\)"):
+        load_params(ROOT / "params.yaml", overrides={"immunize.inner_steps": 3, "immunize.second_order_steps": 4})
+
+
 def test_missing_params_file_is_named(tmp_path):
     with pytest.raises(ParamsError, match="nope.yaml"):
         load_params(tmp_path / "nope.yaml")

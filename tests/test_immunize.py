@@ -106,6 +106,50 @@ def test_first_order_is_outer_gradient_with_inner_gradient_held_constant(setup):
     assert not torch.allclose(grad, grad2, rtol=1e-3)
 
 
+@pytest.mark.parametrize("inner_params", ["kv", "unet"])
+def test_truncated_second_order_differentiates_the_last_attacker_step_only(setup, inner_params):
+    unet, concepts, prior, abar, ctx, cfg, _ = setup
+    cfg = replace(cfg, inner_params=inner_params, inner_steps=2, second_order_steps=1, inner_lr=0.2)
+    batches = im._sample_step_batches(concepts, prior, cfg, 1000, torch.Generator().manual_seed(5))
+    theta, frozen, inner = _split(unet, cfg)
+    with im.double_backward_attention():
+        loss, _ = im.outer_objective(unet, theta, frozen, inner, batches, abar, cfg, ctx, create_graph=True)
+        grad = _flat_grad(theta, loss)
+    # independently: the first attacker step's gradient frozen at theta0, the second one's a
+    # function of theta; central differences of that objective
+    params0 = {**frozen, **{n: v.detach() for n, v in theta.items()}}
+    one = replace(cfg, inner_steps=1)
+    g0 = []
+    for b in batches.inner:
+        adapted = im.simulate_attacker(unet, {**frozen, **{n: v.detach().requires_grad_(True) for n, v in theta.items()}}, inner, b[:1], abar, one, create_graph=False)
+        g0.append({n: (params0[n] - adapted[n].detach()) / cfg.inner_lr for n in inner})
+
+    def objective_at(th):
+        params = {**frozen, **th}
+        with torch.enable_grad():
+            adapted = []
+            for g, b in zip(g0, batches.inner):
+                start = {n: (params[n] - cfg.inner_lr * g[n]).detach().requires_grad_(True) for n in inner}
+                adapted.append({n: v.detach() for n, v in im.simulate_attacker(unet, {**params, **start}, inner, b[1:], abar, one, create_graph=False).items()})
+        merged, _ = im.merge_adapted(params, adapted, ctx)
+        concept = sum(im.diffusion_loss_at(unet, {**params, **merged}, d, abar) for d, _ in batches.outer)
+        utility = sum(im.diffusion_loss_at(unet, params, p, abar) for _, p in batches.outer)
+        return (-concept + cfg.prior_weight * utility).item()
+
+    direction = torch.randn(grad.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    direction /= direction.norm()
+    moved = lambda eps: {n: v.detach() + eps * direction[o : o + v.numel()].view_as(v) for (n, v), o in zip(theta.items(), _offsets(theta))}
+    numeric = (objective_at(moved(1e-5)) - objective_at(moved(-1e-5))) / 2e-5
+    assert numeric == pytest.approx(float(grad @ direction), rel=1e-5, abs=1e-8)
+    # it is neither the full second-order gradient nor the first-order one, and second_order_steps
+    # equal to inner_steps is the full unroll
+    with im.double_backward_attention():
+        full = {k: _flat_grad(theta, im.outer_objective(unet, theta, frozen, inner, batches, abar, replace(cfg, second_order_steps=k), ctx, create_graph=True)[0]) for k in (0, 2)}
+    first = _flat_grad(theta, im.outer_objective(unet, theta, frozen, inner, batches, abar, cfg, ctx, create_graph=False)[0])
+    assert torch.equal(full[0], full[2])
+    assert not torch.allclose(grad, full[0], rtol=1e-3) and not torch.allclose(grad, first, rtol=1e-3)
+
+
 def _offsets(theta):
     out, o = [], 0
     for v in theta.values():

@@ -366,12 +366,14 @@ class ConceptShards:
         names = list(next(iter(own.values()))) if own else list(like)
         adapted = []
         for n in range(n_concepts):
-            tensors = {}
-            for k in names:
-                value = own[n][k].detach().clone() if n in own else torch.empty_like(like[k])
-                torch.distributed.broadcast(value, src=n % self.world)
-                tensors[k] = own[n][k] if n in own else value.requires_grad_(True)
-            adapted.append(tensors)
+            # one flat broadcast per concept: a collective per tensor costs more than the step's compute
+            if n in own:
+                flat = torch.cat([own[n][k].detach().reshape(-1) for k in names])
+            else:
+                flat = torch.empty(sum(like[k].numel() for k in names), dtype=like[names[0]].dtype, device=like[names[0]].device)
+            torch.distributed.broadcast(flat, src=n % self.world)
+            parts = flat.split([like[k].numel() for k in names])
+            adapted.append({k: own[n][k] if n in own else part.view_as(like[k]).clone().requires_grad_(True) for k, part in zip(names, parts)})
         self._pending = (own, adapted)
         return adapted
 
@@ -381,20 +383,22 @@ class ConceptShards:
         own, adapted = self._pending
         self._pending = None
         loss.backward(retain_graph=True)
+        # the gradients with respect to every adapted tensor, summed in one flat all-reduce: an
+        # owner's own entries are zero here, so it receives what the other processes computed
+        keys = [(n, k) for n, tensors in enumerate(adapted) for k in tensors]
+        values = [adapted[n][k] for n, k in keys]
+        sent = [None if n in own else values[i].grad for i, (n, _) in enumerate(keys)]
+        received = _sum_across(sent, values)
         outputs, grads = [], []
-        for n, tensors in enumerate(adapted):
-            for k, value in tensors.items():
-                buf = torch.zeros_like(value) if n in own or value.grad is None else value.grad.clone()
-                torch.distributed.all_reduce(buf)
-                if n in own and value.requires_grad:
-                    outputs.append(value)
-                    grads.append(buf)
+        for (n, _), value, buf in zip(keys, values, received):
+            if n in own and value.requires_grad:
+                outputs.append(value)
+                grads.append(torch.zeros_like(value) if buf is None else buf)
         if outputs:
             torch.autograd.backward(outputs, grads)
-        for v in theta.values():
-            if v.grad is None:
-                v.grad = torch.zeros_like(v)
-            torch.distributed.all_reduce(v.grad)
+        names = list(theta)
+        for n, g in zip(names, _sum_across([theta[n].grad for n in names], [theta[n] for n in names])):
+            theta[n].grad = torch.zeros_like(theta[n]) if g is None else g
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """In-place sum across processes (no graph), for the logged values."""

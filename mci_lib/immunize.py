@@ -387,7 +387,7 @@ class ConceptShards:
         # owner's own entries are zero here, so it receives what the other processes computed
         keys = [(n, k) for n, tensors in enumerate(adapted) for k in tensors]
         values = [adapted[n][k] for n, k in keys]
-        sent = [None if n in own else values[i].grad for i, (n, _) in enumerate(keys)]
+        sent = [None if n in own else value.grad for (n, _), value in zip(keys, values)]
         received = _sum_across(sent, values)
         outputs, grads = [], []
         for (n, _), value, buf in zip(keys, values, received):

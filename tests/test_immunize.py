@@ -80,25 +80,14 @@ def test_first_order_is_outer_gradient_with_inner_gradient_held_constant(setup):
     grad = _flat_grad(theta, loss)
     # independently: freeze each concept's inner gradient at theta0, then differentiate the outer
     # loss of theta -> Merge(theta - lr * g0_n) by central differences
-    params0 = {**frozen, **{n: v.detach() for n, v in theta.items()}}
-    g0 = []
-    for b in batches.inner:
-        adapted = im.simulate_attacker(unet, {**frozen, **{n: v.detach().requires_grad_(True) for n, v in theta.items()}}, inner, b, abar, cfg, create_graph=False)
-        g0.append({n: (params0[n] - adapted[n].detach()) / cfg.inner_lr for n in inner})
+    g0 = _inner_gradients_at(unet, theta, frozen, inner, [b[:1] for b in batches.inner], abar, cfg)
 
     def outer_at(th):
         params = {**frozen, **th}
         adapted = [{n: th[n] - cfg.inner_lr * g[n] for n in inner} for g in g0]
-        merged, _ = im.merge_adapted(params, adapted, ctx)
-        concept = sum(im.diffusion_loss_at(unet, {**params, **merged}, d, abar) for d, _ in batches.outer)
-        utility = sum(im.diffusion_loss_at(unet, params, p, abar) for _, p in batches.outer)
-        return (-concept + cfg.prior_weight * utility).item()
+        return _outer_value(unet, params, adapted, ctx, batches, abar, cfg)
 
-    direction = torch.randn(grad.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    direction /= direction.norm()
-    moved = lambda eps: {n: v.detach() + eps * direction[o : o + v.numel()].view_as(v) for (n, v), o in zip(theta.items(), _offsets(theta))}
-    numeric = (outer_at(moved(1e-5)) - outer_at(moved(-1e-5))) / 2e-5
-    assert numeric == pytest.approx(float(grad @ direction), rel=1e-5, abs=1e-8)
+    assert _central_difference(outer_at, theta, grad, seed=4) == pytest.approx(float(grad @ _direction(grad, 4)), rel=1e-5, abs=1e-8)
     # and it differs from the second-order gradient: the Hessian term is really dropped
     with im.double_backward_attention():
         loss2, _ = im.outer_objective(unet, theta, frozen, inner, batches, abar, cfg, ctx, create_graph=True)
@@ -117,12 +106,8 @@ def test_truncated_second_order_differentiates_the_last_attacker_step_only(setup
         grad = _flat_grad(theta, loss)
     # independently: the first attacker step's gradient frozen at theta0, the second one's a
     # function of theta; central differences of that objective
-    params0 = {**frozen, **{n: v.detach() for n, v in theta.items()}}
     one = replace(cfg, inner_steps=1)
-    g0 = []
-    for b in batches.inner:
-        adapted = im.simulate_attacker(unet, {**frozen, **{n: v.detach().requires_grad_(True) for n, v in theta.items()}}, inner, b[:1], abar, one, create_graph=False)
-        g0.append({n: (params0[n] - adapted[n].detach()) / cfg.inner_lr for n in inner})
+    g0 = _inner_gradients_at(unet, theta, frozen, inner, [b[:1] for b in batches.inner], abar, one)
 
     def objective_at(th):
         params = {**frozen, **th}
@@ -131,16 +116,9 @@ def test_truncated_second_order_differentiates_the_last_attacker_step_only(setup
             for g, b in zip(g0, batches.inner):
                 start = {n: (params[n] - cfg.inner_lr * g[n]).detach().requires_grad_(True) for n in inner}
                 adapted.append({n: v.detach() for n, v in im.simulate_attacker(unet, {**params, **start}, inner, b[1:], abar, one, create_graph=False).items()})
-        merged, _ = im.merge_adapted(params, adapted, ctx)
-        concept = sum(im.diffusion_loss_at(unet, {**params, **merged}, d, abar) for d, _ in batches.outer)
-        utility = sum(im.diffusion_loss_at(unet, params, p, abar) for _, p in batches.outer)
-        return (-concept + cfg.prior_weight * utility).item()
+        return _outer_value(unet, params, adapted, ctx, batches, abar, cfg)
 
-    direction = torch.randn(grad.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    direction /= direction.norm()
-    moved = lambda eps: {n: v.detach() + eps * direction[o : o + v.numel()].view_as(v) for (n, v), o in zip(theta.items(), _offsets(theta))}
-    numeric = (objective_at(moved(1e-5)) - objective_at(moved(-1e-5))) / 2e-5
-    assert numeric == pytest.approx(float(grad @ direction), rel=1e-5, abs=1e-8)
+    assert _central_difference(objective_at, theta, grad, seed=6) == pytest.approx(float(grad @ _direction(grad, 6)), rel=1e-5, abs=1e-8)
     # it is neither the full second-order gradient nor the first-order one, and second_order_steps
     # equal to inner_steps is the full unroll
     with im.double_backward_attention():
@@ -148,6 +126,37 @@ def test_truncated_second_order_differentiates_the_last_attacker_step_only(setup
     first = _flat_grad(theta, im.outer_objective(unet, theta, frozen, inner, batches, abar, cfg, ctx, create_graph=False)[0])
     assert torch.equal(full[0], full[2])
     assert not torch.allclose(grad, full[0], rtol=1e-3) and not torch.allclose(grad, first, rtol=1e-3)
+
+
+def _inner_gradients_at(unet, theta, frozen, inner, batches, abar, cfg):
+    """Each concept's attacker update direction at theta, as constants: (theta - phi_n) / lr after
+    ``cfg.inner_steps`` steps on ``batches[n]``."""
+    params0 = {**frozen, **{n: v.detach() for n, v in theta.items()}}
+    out = []
+    for b in batches:
+        adapted = im.simulate_attacker(unet, {**frozen, **{n: v.detach().requires_grad_(True) for n, v in theta.items()}}, inner, b, abar, cfg, create_graph=False)
+        out.append({n: (params0[n] - adapted[n].detach()) / cfg.inner_lr for n in inner})
+    return out
+
+
+def _outer_value(unet, params, adapted, ctx, batches, abar, cfg):
+    """MIMA's outer loss (denoising utility, prior weight) at the merge of ``adapted``, as a float."""
+    merged, _ = im.merge_adapted(params, adapted, ctx)
+    concept = sum(im.diffusion_loss_at(unet, {**params, **merged}, d, abar) for d, _ in batches.outer)
+    utility = sum(im.diffusion_loss_at(unet, params, p, abar) for _, p in batches.outer)
+    return (-concept + cfg.prior_weight * utility).item()
+
+
+def _direction(grad, seed):
+    d = torch.randn(grad.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return d / d.norm()
+
+
+def _central_difference(f, theta, grad, seed, h=1e-5):
+    """(f(theta + h d) - f(theta - h d)) / 2h along the unit direction ``_direction(grad, seed)``."""
+    direction = _direction(grad, seed)
+    moved = lambda eps: {n: v.detach() + eps * direction[o : o + v.numel()].view_as(v) for (n, v), o in zip(theta.items(), _offsets(theta))}
+    return (f(moved(h)) - f(moved(-h))) / (2 * h)
 
 
 def _offsets(theta):

@@ -182,6 +182,9 @@ STUDY_DEFAULTS = {
     "immunize.inner_params": "kv",
     "immunize.outer_params": "cross_attn",
     "immunize.utility_weight": 25.0,
+    # session 26 set the personalization attacker apart in params.yaml (Adam-like at 3e-3)
+    "immunize.inner_update": "sgd",
+    "immunize.inner_lr": 0.01,
 }
 
 

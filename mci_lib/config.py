@@ -152,7 +152,7 @@ ATTACKS = ("full", "lora", "dreambooth", "dreambooth_lora", "textual_inversion",
 
 
 # immunize keys that may differ per threat (a mapping threat -> value; see for_threat)
-PER_THREAT = ("steps", "inner_params", "outer_params", "utility_weight")
+PER_THREAT = ("steps", "inner_update", "inner_lr", "inner_params", "outer_params", "utility_weight")
 
 
 @dataclass(frozen=True)
@@ -161,14 +161,15 @@ class ImmunizeConfig:
 
     methods: tuple[str, ...] = ("mima", "imma_joint", "imma_sequential")
     mode: str = "second_order"  # second_order | first_order | alternating
-    # The keys of PER_THREAT (outer steps, the attacker's and the immunized parameter sets, the
-    # utility weight) take one value for every threat or a mapping threat -> value, resolved per run
-    # by :func:`for_threat`; a profile or override that sets one value sets it for every threat.
+    # The keys of PER_THREAT (outer steps, the attacker's update rule, step size and parameter
+    # set, the immunized set, the utility weight) take one value for every threat or a mapping
+    # threat -> value, resolved per run by :func:`for_threat`; a profile or override that sets one
+    # value sets it for every threat.
     steps: Union[int, dict[str, int]] = 100
     batch_size: int = 4  # per concept, inner and outer
-    inner_lr: float = 0.01
+    inner_lr: Union[float, dict[str, float]] = 0.01
     inner_steps: int = 1
-    inner_update: str = "sgd"  # sgd | sign | adam
+    inner_update: Union[str, dict[str, str]] = "sgd"  # sgd | sign | adam
     # second_order only: how many of the last attacker steps the outer gradient differentiates
     # through (0: all of them); the earlier steps' gradients are held constant, as first_order
     # holds every step's, so only the last steps' Hessian terms are kept (truncated unrolling)

@@ -189,27 +189,33 @@ def test_immunize_steps_per_threat():
 
 
 def test_immunize_parameter_sets_and_utility_weight_per_threat():
-    """The attacker's and the immunized parameter sets and the utility weight resolve per threat
-    like ``steps`` (params.yaml immunizes the whole UNet against re-learning only); a mapping's
-    values are checked like one value, and the immunizer refuses any unresolved key by name."""
+    """The attacker's update rule, step size and parameter set, the immunized set and the utility
+    weight resolve per threat like ``steps`` (params.yaml immunizes the whole UNet against
+    re-learning only, and gives personalization an Adam-like attacker); a mapping's values are
+    checked like one value, and the immunizer refuses any unresolved key by name."""
     from mci_lib.config import PER_THREAT, for_threat
     from mci_lib import immunize
 
     sets = {"immunize.inner_params": {"relearn": "unet", "personalize": "kv"},
             "immunize.outer_params": {"relearn": "unet", "personalize": "cross_attn"},
-            "immunize.utility_weight": {"relearn": 100.0, "personalize": 25}}
+            "immunize.utility_weight": {"relearn": 100.0, "personalize": 25},
+            "immunize.inner_update": {"relearn": "sgd", "personalize": "adam"},
+            "immunize.inner_lr": {"relearn": 0.01, "personalize": 3e-3}}
     p = load_params(ROOT / "params.yaml", overrides={**sets, "immunize.steps": 7})
     r, q = for_threat(p, "relearn").immunize, for_threat(p, "personalize").immunize
     assert (r.inner_params, r.outer_params, r.utility_weight, r.steps) == ("unet", "unet", 100.0, 7)
     assert (q.inner_params, q.outer_params, q.utility_weight, q.steps) == ("kv", "cross_attn", 25.0, 7)
-    assert set(PER_THREAT) >= {"steps", "inner_params", "outer_params", "utility_weight"}
+    assert (r.inner_update, r.inner_lr, q.inner_update, q.inner_lr) == ("sgd", 0.01, "adam", 3e-3)
+    assert set(PER_THREAT) >= {"steps", "inner_update", "inner_lr", "inner_params", "outer_params", "utility_weight"}
     flat = load_params(ROOT / "params.yaml", overrides={"immunize.inner_params": "cross_attn"})
     assert for_threat(flat, "relearn").immunize.inner_params == for_threat(flat, "personalize").immunize.inner_params == "cross_attn"
     with pytest.raises(ParamsError, match=r"immunize.inner_params: 'all' is not one of"):
         load_params(ROOT / "params.yaml", overrides={"immunize.inner_params": {"relearn": "all", "personalize": "kv"}})
     with pytest.raises(ParamsError, match=r"immunize.outer_params: a mapping names every threat"):
         load_params(ROOT / "params.yaml", overrides={"immunize.outer_params": {"relearn": "unet"}})
+    with pytest.raises(ParamsError, match=r"immunize.inner_update: 'adamw' is not one of"):
+        load_params(ROOT / "params.yaml", overrides={"immunize.inner_update": {"relearn": "sgd", "personalize": "adamw"}})
     with pytest.raises(ParamsError, match=r"immunize.utility_weight.relearn' must be a number"):
         load_params(ROOT / "params.yaml", overrides={"immunize.utility_weight": {"relearn": "x", "personalize": 1.0}})
-    with pytest.raises(TypeError, match=r"immunize.inner_params, immunize.outer_params, immunize.utility_weight differ per threat"):
+    with pytest.raises(TypeError, match=r"immunize.inner_update, immunize.inner_lr, immunize.inner_params, immunize.outer_params, immunize.utility_weight differ per threat"):
         immunize.immunize("mima", None, [object()], None, None, p.immunize, None, 0)

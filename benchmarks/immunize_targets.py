@@ -51,7 +51,7 @@ def measure(p, threat: str, method: str, start_tables: dict) -> dict:
     records = data.read_index(p.paths.data_dir)
     # 1. the defense data, the merge's fixed inputs and the fixed evaluation batches
     vae_latents = lambda images: pretrain.encode_latents(pipe.vae, images)  # noqa: E731
-    concepts, prior = immunize.toy_threat_concepts(pipe, p.paths.data_dir, records, p.world, targets, vae_latents, prior_size=256, seed=p.seed, utility_uncond=p.immunize.utility_uncond)
+    concepts, prior = immunize.toy_threat_concepts(pipe, p.paths.data_dir, records, p.world, targets, vae_latents, prior_size=256, seed=p.seed, utility_uncond=p.immunize.utility_uncond, merge_rows=p.immunize.merge_rows)
     ctx = immunize.merge_context(pipe, concepts, data.regularization_captions(p.world, p.immunize.reg_captions, p.seed, exclude=targets), p.immunize)
     alphas = pipe.scheduler.alphas_cumprod.float()
     inner_names = immunize.parameter_names(pipe.unet, p.immunize.inner_params)

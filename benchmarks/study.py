@@ -133,7 +133,7 @@ class Study:
         # 1. immunize the start model with this configuration
         pipe = models.load_pipeline(self.start_dir)
         vae_latents = lambda images: pretrain.encode_latents(pipe.vae, images)  # noqa: E731
-        concepts, prior = immunize.toy_threat_concepts(pipe, p.paths.data_dir, self.records, p.world, self.targets, vae_latents, prior_size=256, seed=p.seed, utility_uncond=p.immunize.utility_uncond)
+        concepts, prior = immunize.toy_threat_concepts(pipe, p.paths.data_dir, self.records, p.world, self.targets, vae_latents, prior_size=256, seed=p.seed, utility_uncond=p.immunize.utility_uncond, merge_rows=p.immunize.merge_rows)
         reg = data.regularization_captions(p.world, p.immunize.reg_captions, p.seed, exclude=self.targets)
         ctx = immunize.merge_context(pipe, concepts, reg, p.immunize)
         alphas = pipe.scheduler.alphas_cumprod.float()

@@ -189,6 +189,10 @@ class ImmunizeConfig:
     objective: str = "neg"
     objective_cap: float = 1.0
     merge: str = "hard"  # hard | soft
+    # the target rows that enter the merge's constraint, from each target prompt's concept word on:
+    # sequence (to the end of the sequence, padding included) or prompt (to the end-of-text token,
+    # as Custom Diffusion's and MIMA's merge take them)
+    merge_rows: str = "sequence"
     merge_delta: float = 1e-3
     merge_lam: float = 100.0
     reg_captions: int = 100
@@ -203,6 +207,7 @@ class ImmunizeConfig:
             "inner_params": ("kv", "cross_attn", "unet"),
             "outer_params": ("kv", "cross_attn", "unet"),
             "merge": ("hard", "soft"),
+            "merge_rows": ("sequence", "prompt"),
             "utility": ("denoise", "distill"),
             "objective": ("neg", "cap", "gap", "ratio"),
         }

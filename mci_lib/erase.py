@@ -45,10 +45,18 @@ def concept_start(pipe: StableDiffusionPipeline, prompt: str, word: str) -> int:
     raise ValueError(f"concept word {word!r} is not a token run of prompt {prompt!r}")
 
 
-def token_rows(pipe: StableDiffusionPipeline, prompts: Sequence[str], words: Sequence[str]) -> list[torch.Tensor]:
-    """For each prompt, the text-encoder rows from its concept word to the end of the sequence."""
+TOKEN_ROWS = ("sequence", "prompt")
+
+
+def token_rows(pipe: StableDiffusionPipeline, prompts: Sequence[str], words: Sequence[str], through: str = "sequence") -> list[torch.Tensor]:
+    """For each prompt, the text-encoder rows from its concept word to the end of the sequence
+    (``through="sequence"``, padding included: what UCE edits) or to its end-of-text token
+    (``"prompt"``: the unpadded tokens, as Custom Diffusion's and MIMA's merge take them)."""
+    if through not in TOKEN_ROWS:
+        raise ValueError(f"token rows through {through!r}: expected one of {', '.join(TOKEN_ROWS)}")
     hidden = encode_prompts(pipe, list(prompts))
-    return [h[concept_start(pipe, p, w) :] for h, p, w in zip(hidden, prompts, words)]
+    ends = [len(pipe.tokenizer(p).input_ids) if through == "prompt" else h.shape[0] for h, p in zip(hidden, prompts)]
+    return [h[concept_start(pipe, p, w) : end] for h, p, w, end in zip(hidden, prompts, words, ends)]
 
 
 def shape_erase_prompts(

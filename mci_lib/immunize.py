@@ -50,7 +50,8 @@ Params = dict[str, torch.Tensor]
 @dataclass
 class ConceptData:
     """One concept's defense data: VAE latents and text-encoder states of their captions, and the
-    target token rows (concept word to end of prompt) that enter the merge's constraint."""
+    target token rows (from the concept word on, ``immunize.merge_rows``) that enter the merge's
+    constraint."""
 
     name: str
     latents: torch.Tensor  # (n, c, h, w), scaled
@@ -783,11 +784,15 @@ def run_mima(
 # methods and their inputs
 
 
-def concept_data(pipe, name: str, latents: torch.Tensor, captions: Sequence[str], target_prompts: Sequence[str], target_words: Sequence[str]) -> ConceptData:
+def concept_data(
+    pipe, name: str, latents: torch.Tensor, captions: Sequence[str], target_prompts: Sequence[str], target_words: Sequence[str], merge_rows: str = "sequence"
+) -> ConceptData:
     """A concept's defense data: latents with the text-encoder states of their captions, and the
-    target rows (concept word to end of prompt) of ``target_prompts`` for the merge."""
+    target rows of ``target_prompts`` for the merge: from the concept word to the end of the
+    sequence (``merge_rows="sequence"``, padding included) or to the end-of-text token
+    (``"prompt"``, as Custom Diffusion's merge; :func:`mci_lib.erase.token_rows`)."""
     text = encode_prompts(pipe, list(captions))
-    rows = torch.cat(token_rows(pipe, target_prompts, target_words))
+    rows = torch.cat(token_rows(pipe, target_prompts, target_words, merge_rows))
     return ConceptData(name, latents, text, rows)
 
 
@@ -873,7 +878,7 @@ def apply_delta(unet: torch.nn.Module, delta: Params) -> None:
 
 
 def toy_threat_concepts(
-    pipe, data_dir, records, world, targets: Sequence[str], vae_latents, prior_size: int, seed: int, utility_uncond: float = 0.0
+    pipe, data_dir, records, world, targets: Sequence[str], vae_latents, prior_size: int, seed: int, utility_uncond: float = 0.0, merge_rows: str = "sequence"
 ) -> tuple[list[ConceptData], ConceptData]:
     """The toy world's inputs for one threat: each target's ``defense`` split (shapes captioned
     "a photo of a <color> <shape>", personal subjects "a photo of a <class word>", real concepts
@@ -881,7 +886,8 @@ def toy_threat_concepts(
     prior/utility data, ``prior_size`` ``pretrain`` images of the other shapes, a
     ``utility_uncond`` share of them with the empty caption (the unconditional prediction that
     guidance uses: without it an immunization may leave every conditional prediction in place and
-    still break sampling)."""
+    still break sampling). ``merge_rows`` (``immunize.merge_rows``) picks which rows of the target
+    prompts enter the merge (:func:`concept_data`)."""
     concepts = []
     for target in targets:
         recs = select(records, "defense", target)
@@ -899,7 +905,7 @@ def toy_threat_concepts(
         else:
             captions = [f"a photo of a {r.color} {target}" for r in recs]
             prompts, words = [f"a photo of a {c} {target}" for c in world.colors], [target] * len(world.colors)
-        concepts.append(concept_data(pipe, target, latents, captions, prompts, words))
+        concepts.append(concept_data(pipe, target, latents, captions, prompts, words, merge_rows))
     rng = np.random.default_rng(seed)
     others = [r for r in select(records, "pretrain") if r.subject not in targets]
     chosen = [others[i] for i in sorted(rng.choice(len(others), size=min(prior_size, len(others)), replace=False))]

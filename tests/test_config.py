@@ -215,6 +215,8 @@ def test_immunize_parameter_sets_and_utility_weight_per_threat():
         load_params(ROOT / "params.yaml", overrides={"immunize.outer_params": {"relearn": "unet"}})
     with pytest.raises(ParamsError, match=r"immunize.inner_update: 'adamw' is not one of"):
         load_params(ROOT / "params.yaml", overrides={"immunize.inner_update": {"relearn": "sgd", "personalize": "adamw"}})
+    with pytest.raises(ParamsError, match=r"immunize.merge_rows: 'padding' is not one of sequence, prompt"):
+        load_params(ROOT / "params.yaml", overrides={"immunize.merge_rows": "padding"})
     with pytest.raises(ParamsError, match=r"immunize.utility_weight.relearn' must be a number"):
         load_params(ROOT / "params.yaml", overrides={"immunize.utility_weight": {"relearn": "x", "personalize": 1.0}})
     with pytest.raises(TypeError, match=r"immunize.inner_update, immunize.inner_lr, immunize.inner_params, immunize.outer_params, immunize.utility_weight differ per threat"):

@@ -69,3 +69,17 @@ def test_real_guide_erases_the_whole_prompt_towards_the_guide(micro_pipe):
     g_whole, g_word = prefix_gap(whole), prefix_gap(word_only)
     assert g_whole < 0.5 * before
     assert g_word > 0.9 * before
+
+
+def test_token_rows_through_the_prompt_stop_at_its_end_of_text_token(micro_pipe):
+    """``through="prompt"`` keeps the concept word and the end-of-text token, no padding: the first
+    rows of the ``"sequence"`` rows, as many as the prompt has tokens from the word on."""
+    prompts, words = ["a photo of a badge", "a photo of a red star"], ["badge", "star"]
+    whole = erase.token_rows(micro_pipe, prompts, words)
+    short = erase.token_rows(micro_pipe, prompts, words, through="prompt")
+    for p, w, s, q in zip(prompts, words, short, whole):
+        n = len(micro_pipe.tokenizer(p).input_ids) - erase.concept_start(micro_pipe, p, w)
+        assert s.shape[0] == n and n < q.shape[0] == micro_pipe.tokenizer.model_max_length - erase.concept_start(micro_pipe, p, w)
+        assert torch.equal(s, q[:n])
+    with pytest.raises(ValueError, match="expected one of sequence, prompt"):
+        erase.token_rows(micro_pipe, prompts, words, through="padding")

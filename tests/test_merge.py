@@ -110,3 +110,21 @@ def test_bad_inputs_are_refused():
         MergeFactor.from_embeddings(K, delta=0.0)
     with pytest.raises(ValueError, match="adapted weights"):
         hard_merge(W, Wn, Cn[:1], MergeFactor.from_embeddings(K, 1e-3))
+
+
+def test_prompt_rows_let_every_concept_into_the_hard_merge(micro_pipe):
+    """The defect ``immunize.merge_rows: prompt`` mends: one prompt's sequence rows (concept word
+    to the end, padding included) span every dimension of a narrow text encoder, so the hard merge
+    keeps the first concept's rows and drops the second's; its prompt rows (word to end-of-text)
+    leave room for both."""
+    from mci_lib import erase
+
+    prompts, words = ["a photo of a badge", "a photo of a tile"], ["badge", "tile"]
+    d = micro_pipe.text_encoder.config.hidden_size
+    for through, second_kept in (("sequence", False), ("prompt", True)):
+        rows = erase.token_rows(micro_pipe, prompts, words, through)
+        keep = independent_rows(torch.cat(rows))
+        from_second = int((keep >= rows[0].shape[0]).sum())
+        assert (from_second == rows[1].shape[0]) == second_kept, (through, from_second, d)
+        if not second_kept:
+            assert from_second <= 1 and len(keep) >= d - 1

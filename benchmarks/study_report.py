@@ -2,9 +2,11 @@
 presence-vs-attack-step curves of chosen configurations against the model without immunization
 (from the ``curves/<name>.json`` files that ``benchmarks/study.py`` writes).
 
-    python benchmarks/study_report.py [--study reports/research/study.csv] [--curves NAME ...]
+    python benchmarks/study_report.py [--study reports/research/study.csv] [--curves NAME|LABEL=NAME+NAME ...]
+        [--curves-attack ATTACK] [--curves-out study_curves.png]
 
-Writes ``study_table.md`` and, with ``--curves``, ``study_curves.png`` beside the CSV.
+Writes ``study_table.md`` and, with ``--curves``, the curves figure (``study_curves.png``) beside
+the CSV.
 """
 
 from __future__ import annotations
@@ -42,20 +44,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--study", type=Path, default=ROOT / "reports" / "research" / "study.csv")
     ap.add_argument("--attack", default="lora", help="the attack whose columns the table shows")
-    ap.add_argument("--curves", nargs="*", default=[], help="configuration names to draw against the model without immunization")
+    ap.add_argument("--curves", nargs="*", default=[],
+                    help="configurations to draw against the model without immunization: NAME, or LABEL=NAME+NAME+... to pool the rows of several (the same model on more attack seeds)")
+    ap.add_argument("--curves-attack", help="draw only this attack's panel")
+    ap.add_argument("--curves-out", default="study_curves.png", help="file name of the curves figure, beside the CSV")
     args = ap.parse_args()
     rows = read_csv_rows(args.study)
     folder = args.study.parent
     write_text(folder / "study_table.md", viz.markdown_table(table_rows(rows, args.attack), COLUMNS))
     print(f"{len(table_rows(rows, args.attack))} of {len(rows)} configurations (those scored on {args.attack}) -> {folder / 'study_table.md'}")
     if args.curves:
-        curves = []
-        for name in args.curves:
-            stored = read_json(folder / "curves" / f"{name}.json")
-            curves += [{**r, "method": name} for r in stored["rows"]]
-        curves += [{**r, "method": "no immunization"} for r in stored["baseline"]]
-        viz.save_figure(viz.attack_curves(curves, "presence"), folder / "study_curves.png")
-        print(f"curves of {', '.join(args.curves)} -> {folder / 'study_curves.png'}")
+        curves, baseline = [], {}
+        for spec in args.curves:
+            label, _, names = spec.rpartition("=")
+            for name in names.split("+"):
+                stored = read_json(folder / "curves" / f"{name}.json")
+                curves += [{**r, "method": label or name} for r in stored["rows"]]
+                # the pooled configurations share baseline runs where their seeds overlap: each once
+                baseline.update({(r["attack"], r["concept"], r["seed"], r["step"], r["lr"], r["lora_rank"]): r for r in stored["baseline"]})
+        curves += [{**r, "method": "no immunization"} for r in baseline.values()]
+        if args.curves_attack:
+            curves = [r for r in curves if r["attack"] == args.curves_attack]
+            if not curves:
+                raise SystemExit(f"no stored rows of attack {args.curves_attack!r} in {', '.join(args.curves)}")
+        viz.save_figure(viz.attack_curves(curves, "presence"), folder / args.curves_out)
+        print(f"curves of {', '.join(args.curves)} -> {folder / args.curves_out}")
 
 
 if __name__ == "__main__":

@@ -174,6 +174,10 @@ class ImmunizeConfig:
     # through (0: all of them); the earlier steps' gradients are held constant, as first_order
     # holds every step's, so only the last steps' Hessian terms are kept (truncated unrolling)
     second_order_steps: int = 0
+    # fp32 | bf16: the UNet passes of every outer step under torch.autocast in bfloat16 (the diffusers
+    # examples' --mixed_precision); the immunized weights, the optimizer and the merge (float64)
+    # keep their precision
+    mixed_precision: str = "fp32"
     inner_params: Union[str, dict[str, str]] = "kv"  # kv | cross_attn | unet
     outer_params: Union[str, dict[str, str]] = "cross_attn"  # kv | cross_attn | unet
     outer_lr: float = 1e-4
@@ -208,6 +212,7 @@ class ImmunizeConfig:
             "outer_params": ("kv", "cross_attn", "unet"),
             "merge": ("hard", "soft"),
             "merge_rows": ("sequence", "prompt"),
+            "mixed_precision": ("fp32", "bf16"),
             "utility": ("denoise", "distill"),
             "objective": ("neg", "cap", "gap", "ratio"),
         }

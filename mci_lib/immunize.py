@@ -669,6 +669,36 @@ def _require_resolved(cfg, steps) -> None:
         raise TypeError(f"immunize.{', immunize.'.join(unresolved)} differ per threat; resolve them first with mci_lib.config.for_threat(params, threat)")
 
 
+def _outer_step_loss(unet, theta: Params, frozen: Params, inner_names, batches: StepBatches, alphas_cumprod, cfg: ImmunizeConfig, ctx, teacher, shards, rows, second: bool):
+    """Step 2 of :func:`run_mima`: the outer loss of one step and its logged parts. ``alternating``
+    first writes the attacker's merged update into ``theta`` (no graph through the merge); the
+    other modes build the objective through the attacker and the merge."""
+    if cfg.mode == "alternating":
+        # 2a. the attacker's merged update is written into theta, no graph through the merge
+        current = {**frozen, **{n: v.detach() for n, v in theta.items()}}
+        adapted = simulate_attackers(unet, current, inner_names, batches.inner, alphas_cumprod, cfg, False)
+        with torch.no_grad():
+            merged, residual = merge_adapted(current, [{n: v.detach() for n, v in a.items()} for a in adapted], ctx)
+            for n, v in merged.items():
+                if n in theta:
+                    theta[n].copy_(v)
+        # 2b. an ordinary outer step at the attacked point, on the next batch
+        params = {**frozen, **theta}
+        parts = diffusion_losses_at(unet, params, [b for pair in batches.outer for b in pair], alphas_cumprod)
+        concept, utility = sum(parts[0::2]), sum(parts[1::2])
+        loss = -concept + cfg.prior_weight * utility
+        n = len(batches.outer)
+        info = {"concept_loss": concept.item() / n, "utility_loss": utility.item() / n, "merge_residual": residual}
+        return loss, info
+    # 2. the outer objective through the attacker and the merge
+    with double_backward_attention() if second else contextlib.nullcontext():
+        if rows is None:
+            loss, info = outer_objective(unet, theta, frozen, inner_names, batches, alphas_cumprod, cfg, ctx, create_graph=second, teacher=teacher, shards=shards)
+        else:
+            loss, info = rows.objective(unet, theta, frozen, inner_names, batches, alphas_cumprod, cfg, create_graph=second, teacher=teacher)
+    return loss, info
+
+
 def run_mima(
     unet: torch.nn.Module,
     concepts: Sequence[ConceptData],
@@ -728,32 +758,12 @@ def run_mima(
     second = cfg.mode == "second_order"
     rank = shards.rank if shards is not None else rows.rank if rows is not None else 0
     quiet = not progress or rank != 0
+    device = next(iter(theta.values())).device.type
     for step in tqdm(range(first, steps), desc=f"immunize ({cfg.mode})", disable=quiet, initial=first, total=steps):
         # 1. fixed batches for this step: per concept, the attacker's and the outer ones
         batches = _sample_step_batches(concepts, prior, cfg, T, gen)
-        if cfg.mode == "alternating":
-            # 2a. the attacker's merged update is written into theta, no graph through the merge
-            current = {**frozen, **{n: v.detach() for n, v in theta.items()}}
-            adapted = simulate_attackers(unet, current, inner_names, batches.inner, alphas_cumprod, cfg, False)
-            with torch.no_grad():
-                merged, residual = merge_adapted(current, [{n: v.detach() for n, v in a.items()} for a in adapted], ctx)
-                for n, v in merged.items():
-                    if n in theta:
-                        theta[n].copy_(v)
-            # 2b. an ordinary outer step at the attacked point, on the next batch
-            params = {**frozen, **theta}
-            parts = diffusion_losses_at(unet, params, [b for pair in batches.outer for b in pair], alphas_cumprod)
-            concept, utility = sum(parts[0::2]), sum(parts[1::2])
-            loss = -concept + cfg.prior_weight * utility
-            n = len(batches.outer)
-            info = {"concept_loss": concept.item() / n, "utility_loss": utility.item() / n, "merge_residual": residual}
-        else:
-            # 2. the outer objective through the attacker and the merge
-            with double_backward_attention() if second else contextlib.nullcontext():
-                if rows is None:
-                    loss, info = outer_objective(unet, theta, frozen, inner_names, batches, alphas_cumprod, cfg, ctx, create_graph=second, teacher=teacher, shards=shards)
-                else:
-                    loss, info = rows.objective(unet, theta, frozen, inner_names, batches, alphas_cumprod, cfg, create_graph=second, teacher=teacher)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+            loss, info = _outer_step_loss(unet, theta, frozen, inner_names, batches, alphas_cumprod, cfg, ctx, teacher, shards, rows, second)
         if not torch.isfinite(loss):
             where = f"; the last good checkpoint is in {checkpoint_dir}" if checkpoint_dir is not None and cfg.checkpoint_every > 0 else ""
             raise FloatingPointError(f"immunize: the outer loss is {loss.item()} at step {step}; stopped{where}. Lower immunize.outer_lr or immunize.inner_lr.")

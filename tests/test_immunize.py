@@ -316,3 +316,19 @@ def test_batched_attackers_equal_one_attacker_per_concept(setup, create_graph):
     im.simulate_attackers(unet, {n: p for n, p in unet.named_parameters()}, im.parameter_names(unet, "unet"), batches.inner, abar, cfg, False)
     hook.remove()
     assert len(calls) == len(batches.inner) * cfg.inner_steps
+
+
+def test_mixed_precision_runs_the_unet_in_bfloat16_and_keeps_the_weights_float32(setup):
+    """``immunize.mixed_precision: bf16``: the second-order step runs under autocast (its losses
+    differ from float32's by bfloat16 rounding, not more), and the immunized tensors, their
+    gradients and the optimizer stay float32. float64 is never autocast, so this runs in float32."""
+    unet, concepts, prior, abar, ctx, cfg, _ = setup
+    unet = unet.float()
+    f32 = lambda c: im.ConceptData(c.name, c.latents.float(), c.text.float(), c.target_rows)  # noqa: E731
+    concepts, prior, abar = [f32(c) for c in concepts], f32(prior), abar.float()
+    cfg = replace(cfg, outer_lr=1e-2, steps=3)
+    runs = {mp: im.run_mima(unet, concepts, prior, abar, replace(cfg, mixed_precision=mp), ctx, seed=0, progress=False) for mp in ("fp32", "bf16")}
+    assert all(v.dtype == torch.float32 for r in runs.values() for v in r.theta.values())
+    full, half = (torch.tensor(runs[mp].log["loss"]) for mp in ("fp32", "bf16"))
+    assert not torch.equal(full, half)
+    assert torch.allclose(full, half, rtol=0.05, atol=1e-3), (full, half)

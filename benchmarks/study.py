@@ -185,6 +185,8 @@ STUDY_DEFAULTS = {
     # session 26 set the personalization attacker apart in params.yaml (Adam-like at 3e-3)
     "immunize.inner_update": "sgd",
     "immunize.inner_lr": 0.01,
+    # session 27 runs re-learning's outer steps in bfloat16 in params.yaml
+    "immunize.mixed_precision": "fp32",
 }
 
 

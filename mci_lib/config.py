@@ -152,7 +152,7 @@ ATTACKS = ("full", "lora", "dreambooth", "dreambooth_lora", "textual_inversion",
 
 
 # immunize keys that may differ per threat (a mapping threat -> value; see for_threat)
-PER_THREAT = ("steps", "inner_update", "inner_lr", "inner_params", "outer_params", "utility_weight")
+PER_THREAT = ("steps", "inner_update", "inner_lr", "inner_params", "outer_params", "utility_weight", "mixed_precision")
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class ImmunizeConfig:
     methods: tuple[str, ...] = ("mima", "imma_joint", "imma_sequential")
     mode: str = "second_order"  # second_order | first_order | alternating
     # The keys of PER_THREAT (outer steps, the attacker's update rule, step size and parameter
-    # set, the immunized set, the utility weight) take one value for every threat or a mapping
+    # set, the immunized set, the utility weight, the precision) take one value for every threat or a mapping
     # threat -> value, resolved per run by :func:`for_threat`; a profile or override that sets one
     # value sets it for every threat.
     steps: Union[int, dict[str, int]] = 100
@@ -177,7 +177,7 @@ class ImmunizeConfig:
     # fp32 | bf16: the UNet passes of every outer step under torch.autocast in bfloat16 (the diffusers
     # examples' --mixed_precision); the immunized weights, the optimizer and the merge (float64)
     # keep their precision
-    mixed_precision: str = "fp32"
+    mixed_precision: Union[str, dict[str, str]] = "fp32"
     inner_params: Union[str, dict[str, str]] = "kv"  # kv | cross_attn | unet
     outer_params: Union[str, dict[str, str]] = "cross_attn"  # kv | cross_attn | unet
     outer_lr: float = 1e-4

@@ -200,13 +200,15 @@ def test_immunize_parameter_sets_and_utility_weight_per_threat():
             "immunize.outer_params": {"relearn": "unet", "personalize": "cross_attn"},
             "immunize.utility_weight": {"relearn": 100.0, "personalize": 25},
             "immunize.inner_update": {"relearn": "sgd", "personalize": "adam"},
-            "immunize.inner_lr": {"relearn": 0.01, "personalize": 3e-3}}
+            "immunize.inner_lr": {"relearn": 0.01, "personalize": 3e-3},
+            "immunize.mixed_precision": {"relearn": "bf16", "personalize": "fp32"}}
     p = load_params(ROOT / "params.yaml", overrides={**sets, "immunize.steps": 7})
     r, q = for_threat(p, "relearn").immunize, for_threat(p, "personalize").immunize
     assert (r.inner_params, r.outer_params, r.utility_weight, r.steps) == ("unet", "unet", 100.0, 7)
     assert (q.inner_params, q.outer_params, q.utility_weight, q.steps) == ("kv", "cross_attn", 25.0, 7)
     assert (r.inner_update, r.inner_lr, q.inner_update, q.inner_lr) == ("sgd", 0.01, "adam", 3e-3)
-    assert set(PER_THREAT) >= {"steps", "inner_update", "inner_lr", "inner_params", "outer_params", "utility_weight"}
+    assert (r.mixed_precision, q.mixed_precision) == ("bf16", "fp32")
+    assert set(PER_THREAT) >= {"steps", "inner_update", "inner_lr", "inner_params", "outer_params", "utility_weight", "mixed_precision"}
     flat = load_params(ROOT / "params.yaml", overrides={"immunize.inner_params": "cross_attn"})
     assert for_threat(flat, "relearn").immunize.inner_params == for_threat(flat, "personalize").immunize.inner_params == "cross_attn"
     with pytest.raises(ParamsError, match=r"immunize.inner_params: 'all' is not one of"):
@@ -215,9 +217,11 @@ def test_immunize_parameter_sets_and_utility_weight_per_threat():
         load_params(ROOT / "params.yaml", overrides={"immunize.outer_params": {"relearn": "unet"}})
     with pytest.raises(ParamsError, match=r"immunize.inner_update: 'adamw' is not one of"):
         load_params(ROOT / "params.yaml", overrides={"immunize.inner_update": {"relearn": "sgd", "personalize": "adamw"}})
+    with pytest.raises(ParamsError, match=r"immunize.mixed_precision: 'fp16' is not one of fp32, bf16"):
+        load_params(ROOT / "params.yaml", overrides={"immunize.mixed_precision": {"relearn": "fp16", "personalize": "fp32"}})
     with pytest.raises(ParamsError, match=r"immunize.merge_rows: 'padding' is not one of sequence, prompt"):
         load_params(ROOT / "params.yaml", overrides={"immunize.merge_rows": "padding"})
     with pytest.raises(ParamsError, match=r"immunize.utility_weight.relearn' must be a number"):
         load_params(ROOT / "params.yaml", overrides={"immunize.utility_weight": {"relearn": "x", "personalize": 1.0}})
-    with pytest.raises(TypeError, match=r"immunize.inner_update, immunize.inner_lr, immunize.inner_params, immunize.outer_params, immunize.utility_weight differ per threat"):
+    with pytest.raises(TypeError, match=r"immunize.inner_update, immunize.inner_lr, immunize.inner_params, immunize.outer_params, immunize.utility_weight, immunize.mixed_precision differ per threat"):
         immunize.immunize("mima", None, [object()], None, None, p.immunize, None, 0)

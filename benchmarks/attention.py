@@ -17,6 +17,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -47,7 +48,8 @@ def main() -> None:
     torch.set_num_threads(p.threads)
     pipe = build_tiny_pipeline(p.model, ROOT / p.paths.clip_vocab, p.world.image_size, seed=0)
     unet = pipe.unet
-    cfg = p.immunize
+    # float32: the MIMA step calls outer_objective directly, outside run_mima's autocast
+    cfg = replace(p.immunize, mixed_precision="fp32")
     d, L, s = p.model.cross_attention_dim, p.model.max_length, unet.config.sample_size
     g = torch.Generator().manual_seed(0)
     abar = pipe.scheduler.alphas_cumprod.float()

@@ -6,7 +6,8 @@ merging layer alone; prints a table with each time's ratio to the plain step and
 writes JSON. With k unrolled attacker steps a first-order step needs k N inner passes, N outer
 passes and one utility pass, a floor of (k + 1) N + 1 plain steps, and a second-order step about
 twice the passes, 2 (k + 1) N + 1. ``--inner-steps`` defaults to 1, the setting the floors of the
-immunization issue are stated for (2N + 1 and 4N + 1); the other settings are params.yaml's.
+immunization issue are stated for (2N + 1 and 4N + 1); the other settings are params.yaml's, in
+float32 (``benchmarks/mixed_precision.py`` times bfloat16).
 Each ratio is the median over rounds of (step time / a plain step timed just before it). The
 ``work`` column is the floor counted from the passes the step really makes, each timed here in
 plain steps, as separate UNet calls: the attacker's pass holds the concept and the prior batch,
@@ -85,7 +86,9 @@ def main() -> None:
     torch.set_num_threads(p.threads)
     pipe = build_tiny_pipeline(p.model, ROOT / p.paths.clip_vocab, p.world.image_size, seed=0)
     unet = pipe.unet
-    cfg = replace(p.immunize, inner_steps=args.inner_steps)
+    # float32: these steps call outer_objective directly, outside run_mima's autocast
+    # (benchmarks/mixed_precision.py times bf16 against it)
+    cfg = replace(p.immunize, inner_steps=args.inner_steps, mixed_precision="fp32")
     d = p.model.cross_attention_dim
     L = p.model.max_length
     s = unet.config.sample_size
@@ -184,7 +187,7 @@ def main() -> None:
         print(f"{r['step']:<22}{r['N']:>3}{1000 * r['seconds']:>10.1f}{r['ratio']:>10.2f}{floor:>8}{vs_floor:>9}{work:>8}{vs_work:>8}{r['peak_rss_mb']:>10.0f}{note}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(cfg, k) for k in ("batch_size", "inner_steps", "inner_params", "outer_params", "prior_weight", "utility", "merge")}
+    settings = {k: getattr(cfg, k) for k in ("batch_size", "inner_steps", "inner_params", "outer_params", "prior_weight", "utility", "merge", "mixed_precision")}
     out.write_text(json.dumps({"params": {**settings, "threads": p.threads, "torch": torch.__version__}, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 

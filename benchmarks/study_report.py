@@ -65,7 +65,7 @@ def main() -> None:
         curves += [{**r, "method": "no immunization"} for r in baseline.values()]
         if args.curves_attack:
             curves = [r for r in curves if r["attack"] == args.curves_attack]
-            if not curves:
+            if not any(r["method"] != "no immunization" for r in curves):
                 raise SystemExit(f"no stored rows of attack {args.curves_attack!r} in {', '.join(args.curves)}")
         viz.save_figure(viz.attack_curves(curves, "presence"), folder / args.curves_out)
         print(f"curves of {', '.join(args.curves)} -> {folder / args.curves_out}")

@@ -152,6 +152,10 @@ ATTACKS = ("full", "lora", "dreambooth", "dreambooth_lora", "textual_inversion",
 
 
 # immunize keys that may differ per threat (a mapping threat -> value; see for_threat)
+# the rows of a target prompt, from its concept word on, that enter the merge (immunize.merge_rows)
+# or that mci_lib.erase.token_rows returns: to the end of the sequence, or to the end-of-text token
+TOKEN_ROWS = ("sequence", "prompt")
+
 PER_THREAT = ("steps", "inner_update", "inner_lr", "inner_params", "outer_params", "utility_weight", "mixed_precision")
 
 
@@ -211,7 +215,7 @@ class ImmunizeConfig:
             "inner_params": ("kv", "cross_attn", "unet"),
             "outer_params": ("kv", "cross_attn", "unet"),
             "merge": ("hard", "soft"),
-            "merge_rows": ("sequence", "prompt"),
+            "merge_rows": TOKEN_ROWS,
             "mixed_precision": ("fp32", "bf16"),
             "utility": ("denoise", "distill"),
             "objective": ("neg", "cap", "gap", "ratio"),

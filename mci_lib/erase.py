@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 import torch
 from diffusers import StableDiffusionPipeline
 
+from .config import TOKEN_ROWS
 from .data import concept_word
 from .models import encode_prompts, is_cross_attention_kv
 
@@ -43,9 +44,6 @@ def concept_start(pipe: StableDiffusionPipeline, prompt: str, word: str) -> int:
         if ids[i : i + len(wids)] == wids:
             return i
     raise ValueError(f"concept word {word!r} is not a token run of prompt {prompt!r}")
-
-
-TOKEN_ROWS = ("sequence", "prompt")
 
 
 def token_rows(pipe: StableDiffusionPipeline, prompts: Sequence[str], words: Sequence[str], through: str = "sequence") -> list[torch.Tensor]:

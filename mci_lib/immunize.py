@@ -669,10 +669,16 @@ def _require_resolved(cfg, steps) -> None:
         raise TypeError(f"immunize.{', immunize.'.join(unresolved)} differ per threat; resolve them first with mci_lib.config.for_threat(params, threat)")
 
 
-def _outer_step_loss(unet, theta: Params, frozen: Params, inner_names, batches: StepBatches, alphas_cumprod, cfg: ImmunizeConfig, ctx, teacher, shards, rows, second: bool):
+def _outer_step_loss(
+    unet: torch.nn.Module, theta: Params, frozen: Params, inner_names: Sequence[str], batches: StepBatches, alphas_cumprod: torch.Tensor,
+    cfg: ImmunizeConfig, ctx: MergeContext | None, teacher: Params | None, shards: ConceptShards | None, rows: BatchShards | None,
+) -> tuple[torch.Tensor, dict]:
     """Step 2 of :func:`run_mima`: the outer loss of one step and its logged parts. ``alternating``
-    first writes the attacker's merged update into ``theta`` (no graph through the merge); the
-    other modes build the objective through the attacker and the merge."""
+    first writes the attacker's merged update into ``theta`` (no graph through the merge), then
+    takes the reference code's plain loss at it (``-L(D) + prior_weight L(P)``, denoising; neither
+    ``utility`` nor ``objective`` applies); the other modes build :func:`outer_objective` through
+    the attacker and the merge (or ``rows``' data-parallel share of it)."""
+    second = cfg.mode == "second_order"
     if cfg.mode == "alternating":
         # 2a. the attacker's merged update is written into theta, no graph through the merge
         current = {**frozen, **{n: v.detach() for n, v in theta.items()}}
@@ -759,11 +765,14 @@ def run_mima(
     rank = shards.rank if shards is not None else rows.rank if rows is not None else 0
     quiet = not progress or rank != 0
     device = next(iter(theta.values())).device.type
+    if cfg.mixed_precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("immunize.mixed_precision: bf16, but this CUDA device has no bfloat16; set it to fp32")
     for step in tqdm(range(first, steps), desc=f"immunize ({cfg.mode})", disable=quiet, initial=first, total=steps):
         # 1. fixed batches for this step: per concept, the attacker's and the outer ones
         batches = _sample_step_batches(concepts, prior, cfg, T, gen)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
-            loss, info = _outer_step_loss(unet, theta, frozen, inner_names, batches, alphas_cumprod, cfg, ctx, teacher, shards, rows, second)
+        # the backward (step 3) runs outside autocast, on the graph it recorded
+        with torch.autocast(device, dtype=torch.bfloat16) if cfg.mixed_precision == "bf16" else contextlib.nullcontext():
+            loss, info = _outer_step_loss(unet, theta, frozen, inner_names, batches, alphas_cumprod, cfg, ctx, teacher, shards, rows)
         if not torch.isfinite(loss):
             where = f"; the last good checkpoint is in {checkpoint_dir}" if checkpoint_dir is not None and cfg.checkpoint_every > 0 else ""
             raise FloatingPointError(f"immunize: the outer loss is {loss.item()} at step {step}; stopped{where}. Lower immunize.outer_lr or immunize.inner_lr.")

@@ -83,3 +83,19 @@ def test_token_rows_through_the_prompt_stop_at_its_end_of_text_token(micro_pipe)
         assert torch.equal(s, q[:n])
     with pytest.raises(ValueError, match="expected one of sequence, prompt"):
         erase.token_rows(micro_pipe, prompts, words, through="padding")
+
+
+def test_concept_data_takes_the_merge_rows_it_is_told(micro_pipe):
+    """``immunize.merge_rows`` reaches the merge's target rows: ``concept_data`` with ``prompt``
+    holds each target prompt's rows through its end-of-text token, with ``sequence`` through the
+    padding."""
+    from mci_lib import immunize
+
+    prompts, words = ["a photo of a red star", "a photo of a blue star"], ["star", "star"]
+    latents, captions = torch.zeros(2, 4, 4, 4), ["a photo of a red star", "a photo of a blue star"]
+    for through in ("sequence", "prompt"):
+        c = immunize.concept_data(micro_pipe, "star", latents, captions, prompts, words, merge_rows=through)
+        expected = sum(r.shape[0] for r in erase.token_rows(micro_pipe, prompts, words, through))
+        assert c.target_rows.shape[0] == expected
+    short = immunize.concept_data(micro_pipe, "star", latents, captions, prompts, words, merge_rows="prompt").target_rows.shape[0]
+    assert short == 2 * 2  # "star" and the end-of-text token, per prompt

@@ -318,17 +318,28 @@ def test_batched_attackers_equal_one_attacker_per_concept(setup, create_graph):
     assert len(calls) == len(batches.inner) * cfg.inner_steps
 
 
-def test_mixed_precision_runs_the_unet_in_bfloat16_and_keeps_the_weights_float32(setup):
-    """``immunize.mixed_precision: bf16``: the second-order step runs under autocast (its losses
-    differ from float32's by bfloat16 rounding, not more), and the immunized tensors, their
-    gradients and the optimizer stay float32. float64 is never autocast, so this runs in float32."""
+@pytest.mark.parametrize("mode", ["second_order", "first_order", "alternating"])
+def test_mixed_precision_runs_the_unet_in_bfloat16_and_keeps_the_weights_float32(setup, mode):
+    """``immunize.mixed_precision: bf16``: the UNet's layers compute in bfloat16 in every mode
+    (seen by a forward hook), the losses differ from float32's by rounding only, and the immunized
+    tensors come back float32. float64 is never autocast, so this runs in float32."""
     unet, concepts, prior, abar, ctx, cfg, _ = setup
     unet = unet.float()
     f32 = lambda c: im.ConceptData(c.name, c.latents.float(), c.text.float(), c.target_rows)  # noqa: E731
     concepts, prior, abar = [f32(c) for c in concepts], f32(prior), abar.float()
-    cfg = replace(cfg, outer_lr=1e-2, steps=3)
-    runs = {mp: im.run_mima(unet, concepts, prior, abar, replace(cfg, mixed_precision=mp), ctx, seed=0, progress=False) for mp in ("fp32", "bf16")}
-    assert all(v.dtype == torch.float32 for r in runs.values() for v in r.theta.values())
+    cfg = replace(cfg, mode=mode, outer_lr=1e-2, steps=3)
+    seen: set = set()
+    linear = next(m for m in unet.modules() if isinstance(m, torch.nn.Linear))
+    hook = linear.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
+    runs = {}
+    try:
+        for mp in ("fp32", "bf16"):
+            seen.clear()
+            runs[mp] = im.run_mima(unet, concepts, prior, abar, replace(cfg, mixed_precision=mp), ctx, seed=0, progress=False)
+            assert seen == ({torch.float32} if mp == "fp32" else {torch.bfloat16}), (mp, seen)
+    finally:
+        hook.remove()
+    assert all(v.dtype == torch.float32 for v in runs["bf16"].theta.values())
     full, half = (torch.tensor(runs[mp].log["loss"]) for mp in ("fp32", "bf16"))
     assert not torch.equal(full, half)
     assert torch.allclose(full, half, rtol=0.05, atol=1e-3), (full, half)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from mci_lib import erase
 from mci_lib.merge import MergeFactor, hard_merge, independent_rows, merge_residual, soft_merge
 
 
@@ -117,8 +118,6 @@ def test_prompt_rows_let_every_concept_into_the_hard_merge(micro_pipe):
     to the end, padding included) span every dimension of a narrow text encoder, so the hard merge
     keeps the first concept's rows and drops the second's; its prompt rows (word to end-of-text)
     leave room for both."""
-    from mci_lib import erase
-
     prompts, words = ["a photo of a badge", "a photo of a tile"], ["badge", "tile"]
     d = micro_pipe.text_encoder.config.hidden_size
     for through, second_kept in (("sequence", False), ("prompt", True)):

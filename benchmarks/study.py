@@ -4,7 +4,9 @@ and write one row per configuration to ``reports/research/study.csv``.
 
 A configuration is a name, a ``method`` (mima, imma_joint, imma_sequential), a ``threat``
 (relearn, personalize) and dotted ``overrides`` of ``params.yaml`` (``immunize.*`` levers, or
-``attack.*`` to change the attacks scored). It needs the pipeline's outputs (the toy world, the
+``attack.*`` to change the attacks scored). ``immunize_targets`` (a subset of the threat's
+targets) immunizes against those alone while every target is still attacked: the others are then
+controls, attacked on a model that was never immunized against them. It needs the pipeline's outputs (the toy world, the
 base, erased and judge models at the params' paths): run ``dvc repro immunize`` first.
 
 Each row: the settings, per attack the MSGR on presence (mean over seeds, its standard deviation
@@ -53,9 +55,11 @@ def read_configs(path: Path) -> list[dict]:
     if None in names or len(set(names)) != len(names):
         raise SystemExit(f"{path}: every configuration needs a unique name (got {names})")
     for e in entries:
-        unknown = set(e) - {"name", "method", "threat", "overrides", "note"}
+        unknown = set(e) - {"name", "method", "threat", "overrides", "note", "immunize_targets"}
         if unknown:
             raise SystemExit(f"{path}: configuration {e['name']!r} has unknown keys {sorted(unknown)}")
+        if not isinstance(e.get("immunize_targets", []), list):
+            raise SystemExit(f"{path}: configuration {e['name']!r}: immunize_targets is a list of the threat's targets")
     return entries
 
 
@@ -129,11 +133,14 @@ class Study:
     def run(self, entry: dict) -> dict:
         """Immunize with one configuration, attack the result, and return its study row."""
         p, method = self.p, entry.get("method", "mima")
+        targets = entry.get("immunize_targets", self.targets)
+        if not targets or set(targets) - set(self.targets):
+            raise SystemExit(f"configuration {entry['name']!r}: immunize_targets {targets} must be a non-empty subset of the threat's targets {self.targets}")
         t0 = time.time()
         # 1. immunize the start model with this configuration
         pipe = models.load_pipeline(self.start_dir)
         vae_latents = lambda images: pretrain.encode_latents(pipe.vae, images)  # noqa: E731
-        concepts, prior = immunize.toy_threat_concepts(pipe, p.paths.data_dir, self.records, p.world, self.targets, vae_latents, prior_size=256, seed=p.seed, utility_uncond=p.immunize.utility_uncond, merge_rows=p.immunize.merge_rows)
+        concepts, prior = immunize.toy_threat_concepts(pipe, p.paths.data_dir, self.records, p.world, targets, vae_latents, prior_size=256, seed=p.seed, utility_uncond=p.immunize.utility_uncond, merge_rows=p.immunize.merge_rows)
         reg = data.regularization_captions(p.world, p.immunize.reg_captions, p.seed, exclude=self.targets)
         ctx = immunize.merge_context(pipe, concepts, reg, p.immunize)
         alphas = pipe.scheduler.alphas_cumprod.float()
@@ -148,7 +155,8 @@ class Study:
             rows, _ = attacks.run_suite(self.kinds, {method: folder}, self.attack_data, self.evals, self.judge, p.attack, self.sampling, p.attack.seeds)
         self.last_rows = rows
         summary = metrics.attack_summary(self.baseline_rows + rows, self.bar, p.attack.steps)
-        row = {"name": entry["name"], "threat": self.threat, "method": method, "overrides": json.dumps(entry.get("overrides", {}), sort_keys=True)}
+        settings = {**entry.get("overrides", {}), **({"immunize_targets": targets} if targets != self.targets else {})}
+        row = {"name": entry["name"], "threat": self.threat, "method": method, "overrides": json.dumps(settings, sort_keys=True)}
         for kind in self.kinds:
             e = summary[kind][method]
             row.update({

@@ -4,8 +4,9 @@ For one threat's ``immunize`` settings (re-learning by default: the whole-UNet a
 immunized set) and N = 2 synthetic concepts on the tiny model, each round runs
 ``mci_lib.immunize.run_mima`` for ``--steps`` outer steps once per precision, the order
 alternating from round to round so that a machine drifting in speed hits both alike. Prints the
-median seconds per step and the ratio bf16 / fp32 of the same round, and writes JSON. bfloat16 pays
-only where the processor has bfloat16 arithmetic (``avx512_bf16`` or AMX on x86 CPUs).
+median seconds per step and the ratio bf16 / fp32 of the same round, and writes JSON. Run it on the
+machine that will immunize: the committed ratio is from a CPU with ``avx512_bf16``, and one without
+bfloat16 arithmetic may gain nothing.
 
     python benchmarks/mixed_precision.py [--threat relearn] [--rounds 4] [--steps 2] [--out reports/benchmarks/mixed_precision.json]
 """

@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 from mci_lib import immunize as im  # noqa: E402
 from mci_lib.config import for_threat, load_params  # noqa: E402
-from mci_lib.merge import MergeFactor  # noqa: E402
 from mci_lib.models import build_tiny_pipeline, set_attention  # noqa: E402
 from mci_lib.sampling import sample_images  # noqa: E402
+from synthetic import merge_context, synthetic_inputs  # noqa: E402  (benchmarks/synthetic.py, beside this script)
 
 PROCESSORS = ("classic", "sdpa")
 
@@ -50,17 +50,11 @@ def main() -> None:
     unet = pipe.unet
     # float32: the MIMA step calls outer_objective directly, outside run_mima's autocast
     cfg = replace(p.immunize, mixed_precision="fp32")
-    d, L, s = p.model.cross_attention_dim, p.model.max_length, unet.config.sample_size
     g = torch.Generator().manual_seed(0)
     abar = pipe.scheduler.alphas_cumprod.float()
     T = abar.shape[0]
-
-    def concept(i):
-        return im.ConceptData(f"c{i}", torch.randn(16, 4, s, s, generator=g), torch.randn(16, L, d, generator=g), torch.randn(12, d, generator=g))
-
-    concepts, prior = [concept(0), concept(1)], concept(99)
-    ctx = im.MergeContext(MergeFactor.from_embeddings(torch.randn(cfg.reg_captions * L, d, generator=g).double(), cfg.merge_delta),
-                          [c.target_rows.double() for c in concepts], cfg.merge, cfg.merge_lam)
+    concepts, prior, factor = synthetic_inputs(p, unet, cfg, 2, g)
+    ctx = merge_context(factor, concepts, cfg)
     outer, inner = im.parameter_names(unet, cfg.outer_params), im.parameter_names(unet, cfg.inner_params)
     theta = {n: q.detach().clone().requires_grad_(True) for n, q in unet.named_parameters() if n in outer}
     frozen = {n: q.detach() for n, q in unet.named_parameters() if n not in theta}

@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from mci_lib import immunize as im  # noqa: E402
 from mci_lib.config import for_threat, load_params  # noqa: E402
-from mci_lib.merge import MergeFactor  # noqa: E402
 from mci_lib.models import build_tiny_pipeline  # noqa: E402
+from synthetic import merge_context, synthetic_inputs  # noqa: E402  (benchmarks/synthetic.py, beside this script)
 
 
 def peak_rss_mb() -> float:
@@ -89,18 +89,9 @@ def main() -> None:
     # float32: these steps call outer_objective directly, outside run_mima's autocast
     # (benchmarks/mixed_precision.py times bf16 against it)
     cfg = replace(p.immunize, inner_steps=args.inner_steps, mixed_precision="fp32")
-    d = p.model.cross_attention_dim
-    L = p.model.max_length
-    s = unet.config.sample_size
     g = torch.Generator().manual_seed(0)
-
-    def concept(i):
-        return im.ConceptData(f"c{i}", torch.randn(16, 4, s, s, generator=g), torch.randn(16, L, d, generator=g), torch.randn(12, d, generator=g))
-
-    concepts = [concept(i) for i in range(args.max_concepts)]
-    prior = concept(99)
+    concepts, prior, factor = synthetic_inputs(p, unet, cfg, args.max_concepts, g)
     abar = pipe.scheduler.alphas_cumprod.float()
-    factor = MergeFactor.from_embeddings(torch.randn(cfg.reg_captions * L, d, generator=g).double(), cfg.merge_delta)
     T = abar.shape[0]
 
     # plain fine-tuning step on the outer parameter set
@@ -151,7 +142,7 @@ def main() -> None:
     rows.append({"step": "plain fine-tuning", "N": 0, "seconds": base, "ratio": 1.0, "floor": 1.0, "peak_rss_mb": peak_rss_mb()})
     inner = im.parameter_names(unet, cfg.inner_params)
     for n in range(1, args.max_concepts + 1):
-        ctx = im.MergeContext(factor, [c.target_rows.double() for c in concepts[:n]], cfg.merge, cfg.merge_lam)
+        ctx = merge_context(factor, concepts[:n], cfg)
         for mode in ("first_order", "second_order"):
             mcfg = replace(cfg, mode=mode)
 

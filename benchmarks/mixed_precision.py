@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from mci_lib import immunize as im  # noqa: E402
 from mci_lib.config import for_threat, load_params  # noqa: E402
-from mci_lib.merge import MergeFactor  # noqa: E402
 from mci_lib.models import build_tiny_pipeline  # noqa: E402
+from synthetic import merge_context, synthetic_inputs  # noqa: E402  (benchmarks/synthetic.py, beside this script)
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -46,15 +46,8 @@ def main() -> None:
     torch.set_num_threads(p.threads)
     pipe = build_tiny_pipeline(p.model, ROOT / p.paths.clip_vocab, p.world.image_size, seed=0)
     cfg = replace(p.immunize, steps=args.steps)
-    d, L, s = p.model.cross_attention_dim, p.model.max_length, pipe.unet.config.sample_size
-    g = torch.Generator().manual_seed(0)
-
-    def concept(i):
-        return im.ConceptData(f"c{i}", torch.randn(16, 4, s, s, generator=g), torch.randn(16, L, d, generator=g), torch.randn(12, d, generator=g))
-
-    concepts, prior = [concept(0), concept(1)], concept(99)
-    ctx = im.MergeContext(MergeFactor.from_embeddings(torch.randn(cfg.reg_captions * L, d, generator=g).double(), cfg.merge_delta),
-                          [c.target_rows.double() for c in concepts], cfg.merge, cfg.merge_lam)
+    concepts, prior, factor = synthetic_inputs(p, pipe.unet, cfg, 2, torch.Generator().manual_seed(0))
+    ctx = merge_context(factor, concepts, cfg)
     abar = pipe.scheduler.alphas_cumprod.float()
 
     def per_step(mp: str) -> float:

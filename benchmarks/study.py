@@ -6,8 +6,9 @@ A configuration is a name, a ``method`` (mima, imma_joint, imma_sequential), a `
 (relearn, personalize) and dotted ``overrides`` of ``params.yaml`` (``immunize.*`` levers, or
 ``attack.*`` to change the attacks scored). ``immunize_targets`` (a subset of the threat's
 targets) immunizes against those alone while every target is still attacked: the others are then
-controls, attacked on a model that was never immunized against them. It needs the pipeline's outputs (the toy world, the
-base, erased and judge models at the params' paths): run ``dvc repro immunize`` first.
+controls, attacked on a model that was never immunized against them. It needs the pipeline's
+outputs (the toy world, the base, erased and judge models at the params' paths): run ``dvc repro
+immunize`` first.
 
 Each row: the settings, per attack the MSGR on presence (mean over seeds, its standard deviation
 across seeds and the verdict of :func:`mci_lib.metrics.msgr_verdict`) and on similarity, the

@@ -166,9 +166,9 @@ class ImmunizeConfig:
     methods: tuple[str, ...] = ("mima", "imma_joint", "imma_sequential")
     mode: str = "second_order"  # second_order | first_order | alternating
     # The keys of PER_THREAT (outer steps, the attacker's update rule, step size and parameter
-    # set, the immunized set, the utility weight, the precision) take one value for every threat or a mapping
-    # threat -> value, resolved per run by :func:`for_threat`; a profile or override that sets one
-    # value sets it for every threat.
+    # set, the immunized set, the utility weight, the precision) take one value for every threat
+    # or a mapping threat -> value, resolved per run by :func:`for_threat`; a profile or override
+    # that sets one value sets it for every threat.
     steps: Union[int, dict[str, int]] = 100
     batch_size: int = 4  # per concept, inner and outer
     inner_lr: Union[float, dict[str, float]] = 0.01

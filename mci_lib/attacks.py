@@ -47,13 +47,12 @@ from tqdm.auto import tqdm
 from .artifacts import checkpoint_step, load_training_state, read_json, save_training_state
 from .config import ATTACKS, AttackConfig
 from .data import PERSONAL_SUBJECTS, load_images, real_prompts, select
-from .models import add_placeholder_tokens, is_cross_attention_kv, load_pipeline, set_attention, text_states
+from .models import LORA_TARGETS, add_placeholder_tokens, is_cross_attention_kv, load_pipeline, set_attention, text_states
 from .pretrain import diffusion_loss, encode_latents, weight_losses
 from .sampling import sample_images
 
 PRIOR_ATTACKS = ("dreambooth", "dreambooth_lora", "custom_diffusion")
 TOKEN_ATTACKS = ("textual_inversion", "custom_diffusion")
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # the CLIP text encoder's attention
 
 

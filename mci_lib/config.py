@@ -156,6 +156,13 @@ ATTACKS = ("full", "lora", "dreambooth", "dreambooth_lora", "textual_inversion",
 # or that mci_lib.erase.token_rows returns: to the end of the sequence, or to the end-of-text token
 TOKEN_ROWS = ("sequence", "prompt")
 
+# the simulated attacker's parameter sets (immunize.inner_params): a UNet set (lora: low-rank
+# factors on every attention projection, as the LoRA attack trains), optionally with the input
+# embeddings of the concept words (+token, as Custom Diffusion and Textual Inversion train one),
+# or those embeddings alone
+UNET_SETS = ("kv", "cross_attn", "unet", "lora")
+INNER_PARAMS = (*UNET_SETS, "token", *(f"{s}+token" for s in UNET_SETS))
+
 PER_THREAT = ("steps", "inner_update", "inner_lr", "inner_params", "outer_params", "utility_weight", "mixed_precision")
 
 
@@ -182,7 +189,11 @@ class ImmunizeConfig:
     # examples' --mixed_precision); the immunized weights, the optimizer and the merge (float64)
     # keep their precision
     mixed_precision: Union[str, dict[str, str]] = "fp32"
-    inner_params: Union[str, dict[str, str]] = "kv"  # kv | cross_attn | unet
+    # kv | cross_attn | unet | lora, each optionally +token, or token alone (INNER_PARAMS): +token
+    # also learns the input embedding of each concept word of the concept's captions
+    inner_params: Union[str, dict[str, str]] = "kv"
+    # the lora attacker's rank (its factors start as peft's gaussian init: A normal with std 1/r, B zero)
+    inner_lora_rank: int = 4
     outer_params: Union[str, dict[str, str]] = "cross_attn"  # kv | cross_attn | unet
     outer_lr: float = 1e-4
     prior_weight: float = 1.0
@@ -212,7 +223,7 @@ class ImmunizeConfig:
         choices = {
             "mode": ("second_order", "first_order", "alternating"),
             "inner_update": ("sgd", "sign", "adam"),
-            "inner_params": ("kv", "cross_attn", "unet"),
+            "inner_params": INNER_PARAMS,
             "outer_params": ("kv", "cross_attn", "unet"),
             "merge": ("hard", "soft"),
             "merge_rows": TOKEN_ROWS,
@@ -235,6 +246,8 @@ class ImmunizeConfig:
                 raise ParamsError(f"immunize.methods: unknown method {m!r}; known: {', '.join(METHODS)}")
         if min(per_threat["steps"]) < 1 or self.inner_steps < 1 or self.batch_size < 1:
             raise ParamsError("immunize.steps (each threat's), immunize.inner_steps and immunize.batch_size must be >= 1")
+        if self.inner_lora_rank < 1:
+            raise ParamsError(f"immunize.inner_lora_rank: {self.inner_lora_rank} must be >= 1")
         if not 0 <= self.second_order_steps <= self.inner_steps:
             raise ParamsError(f"immunize.second_order_steps: {self.second_order_steps} is not between 0 (every step) and immunize.inner_steps ({self.inner_steps})")
         if not 0.0 <= self.utility_uncond < 1.0:

@@ -25,6 +25,7 @@ data, ``imma_sequential`` on one concept after another with the same total numbe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass, field
@@ -42,39 +43,129 @@ from .config import PER_THREAT, ImmunizeConfig
 from .data import PERSONAL_SUBJECTS, concept_word, fresh_caption, load_images, real_prompts, select
 from .erase import token_rows
 from .merge import HardMergePlan, MergeFactor, hard_merge, merge_residual, soft_merge
-from .models import encode_prompts, is_cross_attention_kv as is_kv
+from .models import LORA_TARGETS, encode_prompts, is_cross_attention_kv as is_kv, prompt_ids
 
 Params = dict[str, torch.Tensor]
+
+# the simulated attacker's learned word embeddings are keyed "token:<token id>" beside its UNet
+# tensors, and the LoRA attacker's factors of weight <name> "lora_A:<name>" and "lora_B:<name>"
+TOKEN_PREFIX = "token:"
+LORA_A, LORA_B = "lora_A:", "lora_B:"
+
+
+class TokenInputs:
+    """What an attacker that learns word embeddings needs for one concept's captions
+    (``immunize.inner_params`` ``token`` or ``<set>+token``): their token ids, the ids of the concept
+    words whose input embeddings it learns, and the text encoder, frozen, that turns the ids into
+    the UNet's conditioning with those embeddings swapped in."""
+
+    def __init__(self, ids: torch.Tensor, words: Sequence[int], text_encoder: torch.nn.Module):
+        self.ids = ids  # (n, L), as mci_lib.models.prompt_ids tokenizes
+        self.words = tuple(sorted(set(int(w) for w in words)))
+        self.text_encoder = text_encoder
+        table = text_encoder.get_input_embeddings().weight
+        self.table_name = next(n for n, p in text_encoder.named_parameters() if p is table)
+        # detached: the outer backward must not reach (or accumulate into) the text encoder
+        self.frozen = {n: p.detach() for n, p in text_encoder.named_parameters()}
+
+    def start(self) -> Params:
+        """The attacker's starting vectors: the concept words' current embeddings, as fresh leaves."""
+        table = self.frozen[self.table_name]
+        return {f"{TOKEN_PREFIX}{w}": table[w].clone().requires_grad_(True) for w in self.words}
+
+    def states(self, ids: torch.Tensor, vectors: Params) -> torch.Tensor:
+        """Text-encoder states of ``ids`` with each ``vectors`` entry as its word's input embedding
+        (differentiable in the vectors)."""
+        rows = torch.tensor([int(k[len(TOKEN_PREFIX) :]) for k in vectors], device=ids.device)
+        table = self.frozen[self.table_name].index_put((rows,), torch.stack(list(vectors.values())))
+        return functional_call(self.text_encoder, {**self.frozen, self.table_name: table}, (ids,))[0]
+
+    def union(self, other: "TokenInputs") -> "TokenInputs":
+        if other.text_encoder is not self.text_encoder:
+            raise ValueError("token inputs of two text encoders cannot be joined")
+        return TokenInputs(torch.cat([self.ids, other.ids]), self.words + other.words, self.text_encoder)
 
 
 @dataclass
 class ConceptData:
     """One concept's defense data: VAE latents and text-encoder states of their captions, and the
     target token rows (from the concept word on, ``immunize.merge_rows``) that enter the merge's
-    constraint."""
+    constraint; ``tokens``, the captions' token ids for an attacker that learns the concept words'
+    embeddings (None: that attacker cannot run on this data)."""
 
     name: str
     latents: torch.Tensor  # (n, c, h, w), scaled
     text: torch.Tensor  # (n, L, d), one caption per latent
     target_rows: torch.Tensor  # (t, d)
+    tokens: TokenInputs | None = None
 
 
 @dataclass
 class Batch:
-    """A fixed diffusion batch: the loss on it is a deterministic function of the weights."""
+    """A fixed diffusion batch: the loss on it is a deterministic function of the weights (and,
+    with ``tokens``, of the word embeddings its ``ids`` are encoded with)."""
 
     latents: torch.Tensor
     text: torch.Tensor
     noise: torch.Tensor
     t: torch.Tensor
+    ids: torch.Tensor | None = None
+    tokens: TokenInputs | None = None
 
 
-def make_batch(latents: torch.Tensor, text: torch.Tensor, batch_size: int, num_timesteps: int, gen: torch.Generator) -> Batch:
+def make_batch(latents: torch.Tensor, text: torch.Tensor, batch_size: int, num_timesteps: int, gen: torch.Generator, tokens: TokenInputs | None = None) -> Batch:
     # drawn on the CPU generator, then moved: the same batch on every device
     idx = torch.randint(0, latents.shape[0], (batch_size,), generator=gen)
     noise = torch.randn(latents[idx].shape, generator=gen, dtype=latents.dtype).to(latents.device)
     t = torch.randint(0, num_timesteps, (batch_size,), generator=gen).to(latents.device)
-    return Batch(latents[idx], text[idx], noise, t)
+    ids = None if tokens is None else tokens.ids[idx.to(tokens.ids.device)]
+    return Batch(latents[idx], text[idx], noise, t, ids, tokens)
+
+
+def learns_token(inner_params: str) -> bool:
+    """Whether the simulated attacker's set (``immunize.inner_params``) includes word embeddings."""
+    return inner_params == "token" or inner_params.endswith("+token")
+
+
+def learns_lora(inner_params: str) -> bool:
+    """Whether the simulated attacker trains low-rank factors (``immunize.inner_params`` ``lora``)."""
+    return inner_params.removesuffix("+token") == "lora"
+
+
+def _lora_start(params: Params, names: Sequence[str], rank: int) -> Params:
+    """The LoRA attacker's factors for each weight in ``names`` (out x in), as peft's gaussian
+    init: ``A`` (rank x in) normal with std 1/rank, from a fixed seed (the same start at every
+    outer step), and ``B`` (out x rank) zero, so the attacker starts at the weights themselves."""
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for n in names:
+        W = params[n]
+        A = torch.randn(rank, W.shape[1], generator=gen, dtype=torch.float64) / rank
+        out[f"{LORA_A}{n}"] = A.to(W.device, W.dtype).requires_grad_(True)
+        out[f"{LORA_B}{n}"] = torch.zeros(W.shape[0], rank, device=W.device, dtype=W.dtype, requires_grad=True)
+    return out
+
+
+def _split_tokens(phi: Params, params: Params | None = None) -> tuple[Params, Params]:
+    """An attacker's tensors split into its UNet tensors and its word embeddings; LoRA factors
+    (which need the starting ``params``) become the weights they adapt, ``W + B A`` (peft's
+    scale alpha / r is 1, as the attack sets lora_alpha = r)."""
+    unet = {n: v for n, v in phi.items() if not n.startswith((TOKEN_PREFIX, LORA_A, LORA_B))}
+    for n in phi:
+        if n.startswith(LORA_A):
+            name = n[len(LORA_A) :]
+            unet[name] = params[name] + phi[f"{LORA_B}{name}"] @ phi[n]
+    return unet, {n: v for n, v in phi.items() if n.startswith(TOKEN_PREFIX)}
+
+
+def with_tokens(batch: Batch, vectors: Params) -> Batch:
+    """``batch`` with its conditioning re-encoded from its token ids with the learned word
+    embeddings ``vectors``; unchanged when there are none."""
+    if not vectors:
+        return batch
+    if batch.tokens is None:
+        raise ValueError("immunize.inner_params learns word embeddings (+token), but this concept's data has no token ids; build it with concept_data")
+    return dataclasses.replace(batch, text=batch.tokens.states(batch.ids, vectors))
 
 
 def diffusion_loss_at(unet: torch.nn.Module, params: Params, batch: Batch, alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -178,16 +269,23 @@ def diffusion_losses_at(unet: torch.nn.Module, params: Params, batches: Sequence
 
 
 def parameter_names(unet: torch.nn.Module, which: str) -> list[str]:
-    """Names of a parameter set: ``kv`` (cross-attention to_k/to_v), ``cross_attn`` (every
-    cross-attention projection) or ``unet`` (every parameter)."""
+    """Names of a parameter set's UNet tensors: ``kv`` (cross-attention to_k/to_v), ``cross_attn``
+    (every cross-attention projection), ``unet`` (every parameter) or ``lora`` (every attention
+    projection's weight, which the LoRA attacker adapts); ``<set>+token`` names the set's (the
+    word embeddings it adds are not UNet tensors), ``token`` none."""
+    if which == "token":
+        return []
+    which = which.removesuffix("+token")
     names = [n for n, _ in unet.named_parameters()]
+    if which == "lora":
+        return [n for n in names if ".attn" in n and any(n.endswith(f".{t}.weight") for t in LORA_TARGETS)]
     if which == "unet":
         return names
     if which == "kv":
         return [n for n in names if is_kv(n)]
     if which == "cross_attn":
         return [n for n in names if ".attn2." in n and any(k in n for k in ("to_q.", "to_k.", "to_v.", "to_out."))]
-    raise ValueError(f"unknown parameter set {which!r}; use kv, cross_attn or unet")
+    raise ValueError(f"unknown parameter set {which!r}; use kv, cross_attn, unet or lora (each optionally +token), or token")
 
 
 def _update(g: torch.Tensor, rule: str) -> torch.Tensor:
@@ -201,9 +299,11 @@ def _update(g: torch.Tensor, rule: str) -> torch.Tensor:
     raise ValueError(f"unknown inner update {rule!r}")
 
 
-def _attacker_start(params: Params, inner_names: Sequence[str]) -> Params:
+def _attacker_start(params: Params, inner_names: Sequence[str], cfg: ImmunizeConfig) -> Params:
     """The attacker's starting tensors: inner tensors outside the immunized set (frozen, detached)
-    still need a gradient."""
+    still need a gradient; the LoRA attacker starts its factors instead (:func:`_lora_start`)."""
+    if learns_lora(cfg.inner_params):
+        return _lora_start(params, inner_names, cfg.inner_lora_rank)
     return {n: params[n] if params[n].requires_grad else params[n].detach().requires_grad_(True) for n in inner_names}
 
 
@@ -236,23 +336,40 @@ def simulate_attacker(
 ) -> Params:
     """``cfg.inner_steps`` attacker steps on ``inner_names`` from ``params`` (never mutated):
     ``phi <- phi - inner_lr * update(grad [L(phi; D) + prior_weight L(phi; P)])``, one (D, P)
-    batch pair per step. Returns the adapted tensors by name. With ``create_graph`` the result is
-    differentiable through the gradient (second order; through the last ``cfg.second_order_steps``
-    steps' gradients only when that is set); otherwise the gradient is a constant."""
-    phi = _attacker_start(params, inner_names)
+    batch pair per step. When ``cfg.inner_params`` learns word embeddings (``+token``), phi also
+    holds the concept words' input embeddings (keyed ``token:<id>``), and D's conditioning is
+    re-encoded with them at every step (P's captions, other concepts', keep theirs). Returns the
+    adapted tensors by name (the LoRA attacker's as the weights ``W + B A`` its factors give).
+    With ``create_graph`` the result is differentiable through the gradient (second order;
+    through the last ``cfg.second_order_steps`` steps' gradients only when that is set);
+    otherwise the gradient is a constant."""
+    phi = _attacker_start(params, inner_names, cfg)
+    if learns_token(cfg.inner_params):
+        phi.update(_token_start(batches))
+    names = list(phi)
     for step in range(cfg.inner_steps):
         graph = _differentiated(step, cfg, create_graph)
         concept_batch, prior_batch = batches[step % len(batches)]
-        current = {**params, **phi}
+        own, vectors = _split_tokens(phi, params)
+        concept_batch = with_tokens(concept_batch, vectors)
+        current = {**params, **own}
         if cfg.prior_weight:
             concept_loss, prior_loss = diffusion_losses_at(unet, current, [concept_batch, prior_batch], alphas_cumprod)
             loss = concept_loss + cfg.prior_weight * prior_loss
         else:
             loss = diffusion_loss_at(unet, current, concept_batch, alphas_cumprod)
-        wrt = [phi[n] for n in inner_names]
-        grads = torch.autograd.grad(loss, wrt, create_graph=graph, allow_unused=True)
-        phi = _attacker_step(phi, inner_names, grads, cfg, graph)
-    return phi
+        grads = torch.autograd.grad(loss, [phi[n] for n in names], create_graph=graph, allow_unused=True)
+        phi = _attacker_step(phi, names, grads, cfg, graph)
+    own, vectors = _split_tokens(phi, params)
+    return {**own, **vectors}
+
+
+def _token_start(batches: Sequence[tuple[Batch, Batch]]) -> Params:
+    """The word-embedding attacker's start, from the token inputs of a concept's batches."""
+    tokens = batches[0][0].tokens
+    if tokens is None:
+        raise ValueError("immunize.inner_params learns word embeddings (+token), but this concept's data has no token ids; build it with concept_data")
+    return tokens.start()
 
 
 def simulate_attackers(
@@ -271,22 +388,27 @@ def simulate_attackers(
     concept n's alias is concept n's own gradient. Otherwise the concepts run one after another."""
     if len(batches) <= 1 or _linear_layers(unet, inner_names) is None:
         return [simulate_attacker(unet, params, inner_names, b, alphas_cumprod, cfg, create_graph) for b in batches]
-    start = _attacker_start(params, inner_names)
-    phis = [{n: v.view_as(v) for n, v in start.items()} for _ in batches]
+    start = _attacker_start(params, inner_names, cfg)
+    token = learns_token(cfg.inner_params)
+    phis = [{**{n: v.view_as(v) for n, v in start.items()}, **(_token_start(b) if token else {})} for b in batches]
     for step in range(cfg.inner_steps):
         graph = _differentiated(step, cfg, create_graph)
         groups = []
         for phi, pairs in zip(phis, batches):
             concept_batch, prior_batch = pairs[step % len(pairs)]
-            groups.append(({**params, **phi}, [concept_batch, prior_batch] if cfg.prior_weight else [concept_batch]))
+            own, vectors = _split_tokens(phi, params)
+            concept_batch = with_tokens(concept_batch, vectors)
+            groups.append(({**params, **own}, [concept_batch, prior_batch] if cfg.prior_weight else [concept_batch]))
         loss = 0.0
         for (pred, noise), (_, parts) in zip(grouped_predictions(unet, groups, inner_names, alphas_cumprod), groups):
             losses = _per_batch_mse(pred, noise, parts)
             loss = loss + (losses[0] + cfg.prior_weight * losses[1] if cfg.prior_weight else losses[0])
-        grads = torch.autograd.grad(loss, [phi[n] for phi in phis for n in inner_names], create_graph=graph, allow_unused=True)
-        per = len(inner_names)
-        phis = [_attacker_step(phi, inner_names, grads[k * per : (k + 1) * per], cfg, graph) for k, phi in enumerate(phis)]
-    return phis
+        # each concept's tensors in its own order (their word embeddings differ per concept)
+        names = [list(phi) for phi in phis]
+        grads = torch.autograd.grad(loss, [phi[n] for phi, ns in zip(phis, names) for n in ns], create_graph=graph, allow_unused=True)
+        ends = np.cumsum([0] + [len(ns) for ns in names])
+        phis = [_attacker_step(phi, ns, grads[ends[k] : ends[k + 1]], cfg, graph) for k, (phi, ns) in enumerate(zip(phis, names))]
+    return [{**own, **vectors} for own, vectors in (_split_tokens(phi, params) for phi in phis)]
 
 
 @dataclass
@@ -586,8 +708,10 @@ def outer_objective(
         adapted = [own[n] for n in mine]
     else:
         adapted = shards.exchange(own, len(batches.inner), {k: params[k] for k in inner_names})
-    merged, residual = merge_adapted(params, adapted, ctx)
-    concept_batches = [batches.outer[n][0] for n in mine]
+    # learned word embeddings are each concept's own (its words): they re-encode its batch, unmerged
+    adapted, vectors = zip(*[_split_tokens(a) for a in adapted])
+    merged, residual = merge_adapted(params, list(adapted), ctx)
+    concept_batches = [with_tokens(batches.outer[n][0], vectors[n]) for n in mine]
     priors = [batches.outer[n][1] for n in mine]
     # the concept batches at the merged attacker; the utility batches and, for the gap and ratio
     # objectives, the concept batches at theta (one UNet call for both when the merge changes Linear layers only)
@@ -638,10 +762,10 @@ class ImmunizeResult:
 
 def _sample_step_batches(concepts: Sequence[ConceptData], prior: ConceptData, cfg: ImmunizeConfig, T: int, gen: torch.Generator) -> StepBatches:
     inner = [
-        [(make_batch(c.latents, c.text, cfg.batch_size, T, gen), make_batch(prior.latents, prior.text, cfg.batch_size, T, gen)) for _ in range(cfg.inner_steps)]
+        [(make_batch(c.latents, c.text, cfg.batch_size, T, gen, c.tokens), make_batch(prior.latents, prior.text, cfg.batch_size, T, gen)) for _ in range(cfg.inner_steps)]
         for c in concepts
     ]
-    outer = [(make_batch(c.latents, c.text, cfg.batch_size, T, gen), make_batch(prior.latents, prior.text, cfg.batch_size, T, gen)) for c in concepts]
+    outer = [(make_batch(c.latents, c.text, cfg.batch_size, T, gen, c.tokens), make_batch(prior.latents, prior.text, cfg.batch_size, T, gen)) for c in concepts]
     return StepBatches(inner, outer)
 
 
@@ -741,6 +865,10 @@ def run_mima(
         raise ValueError("immunize.mode alternating runs in one process; launch it without accelerate's multi-process mode")
     if rows is not None and (len(concepts) != 1 or ctx is not None):
         raise ValueError(f"data-parallel immunization runs one concept with no merge (IMMA); got {len(concepts)} concepts")
+    if learns_token(cfg.inner_params) and (cfg.mode == "alternating" or shards is not None or rows is not None):
+        raise ValueError(f"immunize.inner_params {cfg.inner_params} (word embeddings) runs in one process in the second_order or first_order mode")
+    if learns_lora(cfg.inner_params) and (shards is not None or rows is not None):
+        raise ValueError(f"immunize.inner_params {cfg.inner_params} (low-rank factors) runs in one process; launch it without accelerate's multi-process mode")
     if rows is not None and cfg.batch_size < rows.world:
         raise ValueError(f"immunize.batch_size {cfg.batch_size} is smaller than the {rows.world} processes; raise it or launch fewer processes")
     steps = cfg.steps if steps is None else steps
@@ -809,10 +937,12 @@ def concept_data(
     """A concept's defense data: latents with the text-encoder states of their captions, and the
     target rows of ``target_prompts`` for the merge: from the concept word to the end of the
     sequence (``merge_rows="sequence"``, padding included) or to the end-of-text token
-    (``"prompt"``, as Custom Diffusion's merge; :func:`mci_lib.erase.token_rows`)."""
+    (``"prompt"``, as Custom Diffusion's merge; :func:`mci_lib.erase.token_rows`). Its token
+    inputs name every token of ``target_words``: what a ``+token`` attacker learns."""
     text = encode_prompts(pipe, list(captions))
     rows = torch.cat(token_rows(pipe, target_prompts, target_words, merge_rows))
-    return ConceptData(name, latents, text, rows)
+    words = [i for w in dict.fromkeys(target_words) for i in pipe.tokenizer(w, add_special_tokens=False).input_ids]
+    return ConceptData(name, latents, text, rows, TokenInputs(prompt_ids(pipe, list(captions)), words, pipe.text_encoder))
 
 
 def merge_context(pipe, concepts: Sequence[ConceptData], reg_captions: Sequence[str], cfg: ImmunizeConfig) -> MergeContext:
@@ -828,6 +958,7 @@ def _union(concepts: Sequence[ConceptData]) -> ConceptData:
         torch.cat([c.latents for c in concepts]),
         torch.cat([c.text for c in concepts]),
         torch.cat([c.target_rows for c in concepts]),
+        functools.reduce(TokenInputs.union, [c.tokens for c in concepts]) if all(c.tokens is not None for c in concepts) else None,
     )
 
 

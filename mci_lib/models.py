@@ -240,14 +240,26 @@ def text_states(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tens
     long = [q for q in prompts if len(pipe.tokenizer(q).input_ids) > limit]
     if long:
         warnings.warn(f"{len(long)} prompt(s) exceed the tokenizer's {limit} tokens and are truncated, e.g. {long[0][:80]!r}...", stacklevel=2)
+    return pipe.text_encoder(prompt_ids(pipe, prompts))[0]
+
+
+def prompt_ids(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
+    """The token ids (B, max_length) that :func:`text_states` encodes ``prompts`` from: padded to
+    the tokenizer's max length and truncated there, on the text encoder's device."""
+    limit = pipe.tokenizer.model_max_length
     tok = pipe.tokenizer(list(prompts), padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
-    return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]
+    return tok.input_ids.to(pipe.text_encoder.device)
 
 
 @torch.no_grad()
 def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
     """:func:`text_states` without gradient."""
     return text_states(pipe, prompts)
+
+
+# the attention projections a UNet LoRA adapts (the attack's peft target_modules, and the simulated
+# LoRA attacker's set, immunize.inner_params: lora)
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def is_cross_attention_kv(name: str) -> bool:

@@ -99,3 +99,25 @@ def test_concept_data_takes_the_merge_rows_it_is_told(micro_pipe):
         assert c.target_rows.shape[0] == expected
     short = immunize.concept_data(micro_pipe, "star", latents, captions, prompts, words, merge_rows="prompt").target_rows.shape[0]
     assert short == 2 * 2  # "star" and the end-of-text token, per prompt
+
+
+def test_concept_data_holds_the_token_ids_a_token_attacker_reencodes(micro_pipe):
+    """``concept_data``'s token inputs: the captions' ids and the concept word's, which re-encode
+    to the captions' states at the word's own embedding and move them when the embedding moves;
+    the joint (union) data learns both concepts' words."""
+    from mci_lib import immunize
+
+    latents = torch.zeros(2, 4, 4, 4)
+    star = immunize.concept_data(micro_pipe, "star", latents, ["a photo of a red star", "a star, dotted style"], ["a photo of a red star"], ["star"])
+    heart = immunize.concept_data(micro_pipe, "heart", latents, ["a photo of a red heart"] * 2, ["a photo of a red heart"], ["heart"])
+    (word,) = star.tokens.words
+    assert word == micro_pipe.tokenizer("star", add_special_tokens=False).input_ids[0] and bool((star.tokens.ids == word).any(1).all())
+    table = micro_pipe.text_encoder.get_input_embeddings().weight.detach()
+    with torch.no_grad():
+        assert torch.allclose(star.tokens.states(star.tokens.ids, {f"token:{word}": table[word]}), star.text, atol=1e-6)
+        # a random direction: a constant shift of every coordinate is invisible behind LayerNorm
+        step = torch.randn(table.shape[1], generator=torch.Generator().manual_seed(0))
+        moved = star.tokens.states(star.tokens.ids, {f"token:{word}": table[word] + step})
+    assert not torch.allclose(moved, star.text, atol=1e-3)
+    joint = immunize._union([star, heart])
+    assert joint.tokens.words == tuple(sorted(star.tokens.words + heart.tokens.words)) and joint.tokens.ids.shape[0] == 4

@@ -343,3 +343,137 @@ def test_mixed_precision_runs_the_unet_in_bfloat16_and_keeps_the_weights_float32
     full, half = (torch.tensor(runs[mp].log["loss"]) for mp in ("fp32", "bf16"))
     assert not torch.equal(full, half)
     assert torch.allclose(full, half, rtol=0.05, atol=1e-3), (full, half)
+
+
+@pytest.fixture()
+def token_setup(setup):
+    """The micro setup with a micro CLIP text encoder (width 6, as the micro UNet's conditioning):
+    each concept's captions hold its own word (ids 1 and 2), which a ``+token`` attacker learns."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet, _, prior, abar, ctx, cfg, _ = setup
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=20, hidden_size=6, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=5,
+                            bos_token_id=0, eos_token_id=19, pad_token_id=19)
+    encoder = CLIPTextModel(config).double().eval()
+    g = torch.Generator().manual_seed(7)
+
+    def concept(name, word, n=6):
+        ids = torch.randint(3, 19, (n, 5), generator=g)
+        ids[:, 2] = word
+        with torch.no_grad():
+            text = encoder(ids)[0]
+        rows = torch.randn(2, 6, generator=g, dtype=torch.float64)
+        return im.ConceptData(name, torch.randn(n, 4, 4, 4, generator=g, dtype=torch.float64), text, rows, im.TokenInputs(ids, [word], encoder))
+
+    concepts = [concept("a", 1), concept("b", 2)]
+    ctx = im.MergeContext(ctx.factor, [c.target_rows for c in concepts])
+    return unet, encoder, concepts, prior, abar, ctx, replace(cfg, inner_steps=2)
+
+
+@pytest.mark.parametrize("inner_params", ["kv+token", "token"])
+def test_token_attacker_second_order_matches_finite_differences(token_setup, inner_params):
+    """With the concept words' embeddings in the attacker's set, the outer gradient goes back through
+    their steps (text encoder and UNet): it matches central differences of the whole objective,
+    and it is not the gradient of the attacker without them."""
+    unet, encoder, concepts, prior, abar, ctx, cfg = token_setup
+    cfg = replace(cfg, inner_params=inner_params)
+    batches = im._sample_step_batches(concepts, prior, cfg, 1000, torch.Generator().manual_seed(8))
+    theta, frozen, inner = _split(unet, cfg)
+    encoder_before = {n: p.detach().clone() for n, p in encoder.named_parameters()}
+    with im.double_backward_attention():
+        loss, _ = im.outer_objective(unet, theta, frozen, inner, batches, abar, cfg, ctx, create_graph=True)
+        grad = _flat_grad(theta, loss)
+
+    def objective_at(th):
+        with torch.enable_grad():
+            return im.outer_objective(unet, th, frozen, inner, batches, abar, cfg, ctx, create_graph=False)[0].item()
+
+    assert _central_difference(objective_at, theta, grad, seed=9) == pytest.approx(float(grad @ _direction(grad, 9)), rel=1e-5, abs=1e-8)
+    without = replace(cfg, inner_params="kv")
+    with im.double_backward_attention():
+        plain = _flat_grad(theta, im.outer_objective(unet, theta, frozen, im.parameter_names(unet, "kv"), batches, abar, without, ctx, create_graph=True)[0])
+    assert not torch.allclose(grad, plain, rtol=1e-3)
+    # the text encoder is frozen: untouched, and no gradient accumulates into it
+    assert all(torch.equal(encoder_before[n], p.detach()) and p.grad is None for n, p in encoder.named_parameters())
+
+
+def test_token_attacker_steps_each_concept_word_embedding(token_setup):
+    """One attacker step moves each concept's own word embedding by -inner_lr times the gradient of
+    its loss (recomputed here with the embedding as an explicit leaf), and nothing else of it; the
+    batched attackers give the same vectors as one attacker per concept."""
+    unet, encoder, concepts, prior, abar, ctx, cfg = token_setup
+    cfg = replace(cfg, inner_params="token", inner_steps=1)
+    batches = im._sample_step_batches(concepts, prior, cfg, 1000, torch.Generator().manual_seed(10))
+    params = {n: p.detach() for n, p in unet.named_parameters()}
+    together = im.simulate_attackers(unet, params, [], batches.inner, abar, cfg, False)
+    table = encoder.get_input_embeddings().weight.detach()
+    for n, (concept, adapted) in enumerate(zip(concepts, together)):
+        word = concept.tokens.words[0]
+        assert list(adapted) == [f"token:{word}"]
+        start = table[word].clone().requires_grad_(True)
+        d, p = batches.inner[n][0]
+        text = concept.tokens.states(d.ids, {f"token:{word}": start})
+        # at the start embedding the re-encoded captions are the precomputed ones
+        with torch.no_grad():
+            assert torch.allclose(concept.tokens.states(d.ids, {f"token:{word}": table[word]}), d.text, atol=1e-12)
+        loss = sum(im.diffusion_losses_at(unet, params, [replace(d, text=text), p], abar)[k] * w for k, w in enumerate([1.0, cfg.prior_weight]))
+        (g,) = torch.autograd.grad(loss, [start])
+        assert torch.allclose(adapted[f"token:{word}"], table[word] - cfg.inner_lr * g, atol=1e-12)
+        alone = im.simulate_attacker(unet, params, [], batches.inner[n], abar, cfg, False)
+        assert torch.allclose(alone[f"token:{word}"], adapted[f"token:{word}"], atol=1e-12)
+
+
+def test_token_attacker_needs_token_ids_and_one_process(setup):
+    unet, concepts, prior, abar, ctx, cfg, _ = setup
+    cfg = replace(cfg, inner_params="kv+token")
+    batches = im._sample_step_batches(concepts, prior, cfg, 1000, torch.Generator().manual_seed(11))
+    theta, frozen, inner = _split(unet, cfg)
+    with pytest.raises(ValueError, match=r"no token ids; build it with concept_data"):
+        im.outer_objective(unet, theta, frozen, inner, batches, abar, cfg, ctx, create_graph=False)
+    with pytest.raises(ValueError, match=r"runs in one process in the second_order or first_order mode"):
+        im.run_mima(unet, concepts, prior, abar, replace(cfg, mode="alternating", steps=1), ctx, seed=0, progress=False)
+    assert im.parameter_names(unet, "kv+token") == im.parameter_names(unet, "kv") and im.parameter_names(unet, "token") == []
+
+
+def test_lora_attacker_second_order_matches_finite_differences(setup):
+    """The LoRA attacker (factors on every attention projection, B starting at zero): the outer
+    gradient through its two steps and the merge matches central differences."""
+    unet, concepts, prior, abar, ctx, cfg, _ = setup
+    cfg = replace(cfg, inner_params="lora", inner_lora_rank=2, inner_steps=2)
+    batches = im._sample_step_batches(concepts, prior, cfg, 1000, torch.Generator().manual_seed(12))
+    theta, frozen, inner = _split(unet, cfg)
+    with im.double_backward_attention():
+        loss, _ = im.outer_objective(unet, theta, frozen, inner, batches, abar, cfg, ctx, create_graph=True)
+        grad = _flat_grad(theta, loss)
+
+    def objective_at(th):
+        with torch.enable_grad():
+            return im.outer_objective(unet, th, frozen, inner, batches, abar, cfg, ctx, create_graph=False)[0].item()
+
+    assert _central_difference(objective_at, theta, grad, seed=13) == pytest.approx(float(grad @ _direction(grad, 13)), rel=1e-5, abs=1e-8)
+
+
+def test_lora_attacker_first_step_is_the_gradient_projected_on_its_a_factor(setup):
+    """From B = 0 the first LoRA step moves B alone: ``W' = W - lr * G A^T A`` with G the weight's
+    gradient at W, A the fixed gaussian start (std 1/r); a rank-r change, not the full-rank SGD step.
+    Every attention projection's weight is in the set, and the batched attackers agree."""
+    unet, concepts, prior, abar, ctx, cfg, batches = setup
+    cfg = replace(cfg, inner_params="lora", inner_lora_rank=2, inner_steps=1)
+    params = {n: p.detach() for n, p in unet.named_parameters()}
+    inner = im.parameter_names(unet, "lora")
+    assert inner and all(any(n.endswith(f".{t}.weight") for t in ("to_q", "to_k", "to_v", "to_out.0")) for n in inner)
+    assert {n for n in inner if ".attn1." in n} and {n for n in inner if ".attn2." in n}
+    adapted = im.simulate_attacker(unet, params, inner, batches.inner[0], abar, cfg, create_graph=False)
+    start = im._lora_start(params, inner, 2)
+    leaves = {n: params[n].clone().requires_grad_(True) for n in inner}
+    d, p = batches.inner[0][0]
+    loss = sum(w * l for w, l in zip([1.0, cfg.prior_weight], im.diffusion_losses_at(unet, {**params, **leaves}, [d, p], abar)))
+    grads = dict(zip(inner, torch.autograd.grad(loss, list(leaves.values()))))
+    for n in inner:
+        A = start[f"lora_A:{n}"].detach()
+        assert A.std().item() == pytest.approx(0.5, rel=0.5)
+        assert torch.allclose(adapted[n], params[n] - cfg.inner_lr * grads[n] @ A.T @ A, atol=1e-12)
+        assert torch.linalg.matrix_rank(adapted[n] - params[n], rtol=1e-6).item() <= 2  # above W + BA - W rounding
+    together = im.simulate_attackers(unet, params, inner, batches.inner, abar, cfg, False)
+    assert all(torch.allclose(together[0][n], adapted[n], atol=1e-12) for n in inner)

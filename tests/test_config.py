@@ -225,3 +225,12 @@ def test_immunize_parameter_sets_and_utility_weight_per_threat():
         load_params(ROOT / "params.yaml", overrides={"immunize.utility_weight": {"relearn": "x", "personalize": 1.0}})
     with pytest.raises(TypeError, match=r"immunize.inner_update, immunize.inner_lr, immunize.inner_params, immunize.outer_params, immunize.utility_weight, immunize.mixed_precision differ per threat"):
         immunize.immunize("mima", None, [object()], None, None, p.immunize, None, 0)
+
+
+def test_attacker_sets_with_word_embeddings_and_lora_rank_are_checked():
+    for which in ("lora", "kv+token", "unet+token", "token"):
+        assert load_params(ROOT / "params.yaml", overrides={"immunize.inner_params": which}).immunize.inner_params == which
+    with pytest.raises(ParamsError, match=r"immunize.inner_params: 'token\+kv' is not one of"):
+        load_params(ROOT / "params.yaml", overrides={"immunize.inner_params": "token+kv"})
+    with pytest.raises(ParamsError, match=r"immunize.inner_lora_rank: 0 must be >= 1"):
+        load_params(ROOT / "params.yaml", overrides={"immunize.inner_lora_rank": 0})

@@ -151,7 +151,6 @@ THREATS = ("relearn", "personalize")
 ATTACKS = ("full", "lora", "dreambooth", "dreambooth_lora", "textual_inversion", "custom_diffusion")
 
 
-# immunize keys that may differ per threat (a mapping threat -> value; see for_threat)
 # the rows of a target prompt, from its concept word on, that enter the merge (immunize.merge_rows)
 # or that mci_lib.erase.token_rows returns: to the end of the sequence, or to the end-of-text token
 TOKEN_ROWS = ("sequence", "prompt")
@@ -163,6 +162,7 @@ TOKEN_ROWS = ("sequence", "prompt")
 UNET_SETS = ("kv", "cross_attn", "unet", "lora")
 INNER_PARAMS = (*UNET_SETS, "token", *(f"{s}+token" for s in UNET_SETS))
 
+# immunize keys that may differ per threat (a mapping threat -> value; see for_threat)
 PER_THREAT = ("steps", "inner_update", "inner_lr", "inner_params", "outer_params", "utility_weight", "mixed_precision")
 
 

@@ -135,7 +135,9 @@ def learns_lora(inner_params: str) -> bool:
 def _lora_start(params: Params, names: Sequence[str], rank: int) -> Params:
     """The LoRA attacker's factors for each weight in ``names`` (out x in), as peft's gaussian
     init: ``A`` (rank x in) normal with std 1/rank, from a fixed seed (the same start at every
-    outer step), and ``B`` (out x rank) zero, so the attacker starts at the weights themselves."""
+    outer step, where the real attack draws a fresh ``A``: the outer loop meets one rank-r
+    subspace; a fresh ``A`` per step is not built), and ``B`` (out x rank) zero, so the attacker
+    starts at the weights themselves."""
     gen = torch.Generator().manual_seed(0)
     out = {}
     for n in names:
@@ -708,14 +710,18 @@ def outer_objective(
         adapted = [own[n] for n in mine]
     else:
         adapted = shards.exchange(own, len(batches.inner), {k: params[k] for k in inner_names})
-    # learned word embeddings are each concept's own (its words): they re-encode its batch, unmerged
+    # learned word embeddings are each concept's own (its words): they re-encode its batch, unmerged.
+    # The merge's target rows C_n stay the words' states as written (encoded once); Custom
+    # Diffusion's merge takes the learned token's states instead (not built here)
     adapted, vectors = zip(*[_split_tokens(a) for a in adapted])
     merged, residual = merge_adapted(params, list(adapted), ctx)
     concept_batches = [with_tokens(batches.outer[n][0], vectors[n]) for n in mine]
     priors = [batches.outer[n][1] for n in mine]
     # the concept batches at the merged attacker; the utility batches and, for the gap and ratio
-    # objectives, the concept batches at theta (one UNet call for both when the merge changes Linear layers only)
-    at_theta = priors + (concept_batches if cfg.objective in ("gap", "ratio") else [])
+    # objectives, the concept batches at theta (one UNet call for both when the merge changes Linear layers only).
+    # The clean loss at theta reads the captions as written: re-encoded with the attacker's
+    # vectors, the token part of the attack would cancel out of the gap and the ratio
+    at_theta = priors + ([batches.outer[n][0] for n in mine] if cfg.objective in ("gap", "ratio") else [])
     at_merged, (pred, noise) = grouped_predictions(unet, [({**params, **merged}, concept_batches), (params, at_theta)], list(merged), alphas_cumprod)
     concept_parts = _per_batch_mse(*at_merged, concept_batches)
     concept = sum(concept_parts)
@@ -866,7 +872,7 @@ def run_mima(
     if rows is not None and (len(concepts) != 1 or ctx is not None):
         raise ValueError(f"data-parallel immunization runs one concept with no merge (IMMA); got {len(concepts)} concepts")
     if learns_token(cfg.inner_params) and (cfg.mode == "alternating" or shards is not None or rows is not None):
-        raise ValueError(f"immunize.inner_params {cfg.inner_params} (word embeddings) runs in one process in the second_order or first_order mode")
+        raise ValueError(f"immunize.inner_params {cfg.inner_params} (word embeddings) runs in one process in the second_order or first_order mode; set immunize.mode to second_order or first_order and launch without accelerate's multi-process mode")
     if learns_lora(cfg.inner_params) and (shards is not None or rows is not None):
         raise ValueError(f"immunize.inner_params {cfg.inner_params} (low-rank factors) runs in one process; launch it without accelerate's multi-process mode")
     if rows is not None and cfg.batch_size < rows.world:

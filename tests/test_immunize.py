@@ -398,6 +398,24 @@ def test_token_attacker_second_order_matches_finite_differences(token_setup, inn
     assert all(torch.equal(encoder_before[n], p.detach()) and p.grad is None for n, p in encoder.named_parameters())
 
 
+def test_gap_objective_with_the_token_attacker_measures_the_clean_loss_on_the_written_captions(token_setup):
+    """The gap objective's clean term L(theta; D) reads D as written: with a token-only attacker
+    (nothing merged) the gap is the loss change the learned vectors make, not zero."""
+    unet, encoder, concepts, prior, abar, ctx, cfg = token_setup
+    cfg = replace(cfg, inner_params="token", objective="gap", inner_lr=5.0)
+    batches = im._sample_step_batches(concepts, prior, cfg, 1000, torch.Generator().manual_seed(8))
+    theta, frozen, inner = _split(unet, cfg)
+    with torch.enable_grad():
+        gap_loss, parts = im.outer_objective(unet, theta, frozen, inner, batches, abar, cfg, ctx, create_graph=False)
+        neg_loss, _ = im.outer_objective(unet, theta, frozen, inner, batches, abar, replace(cfg, objective="neg"), ctx, create_graph=False)
+    params = {**frozen, **theta}
+    written = sum(im.diffusion_loss_at(unet, params, batches.outer[n][0], abar) for n in range(len(concepts))).item()
+    learned = parts["concept_loss"] * len(concepts)
+    # gap - neg = the clean term, the loss on the captions as written, which the vectors change
+    assert (gap_loss - neg_loss).item() == pytest.approx(written, rel=1e-6)
+    assert abs(learned - written) > 1e-4 * written
+
+
 def test_token_attacker_steps_each_concept_word_embedding(token_setup):
     """One attacker step moves each concept's own word embedding by -inner_lr times the gradient of
     its loss (recomputed here with the embedding as an explicit leaf), and nothing else of it; the

@@ -194,6 +194,9 @@ class ImmunizeConfig:
     inner_params: Union[str, dict[str, str]] = "kv"
     # the lora attacker's rank (its factors start as peft's gaussian init: A normal with std 1/r, B zero)
     inner_lora_rank: int = 4
+    # fixed | per_step: the lora attacker's A from one seed at every outer step, or a fresh A at
+    # every outer step (seeded by the step's batch), as each real LoRA attack draws its own
+    inner_lora_start: str = "fixed"
     outer_params: Union[str, dict[str, str]] = "cross_attn"  # kv | cross_attn | unet
     outer_lr: float = 1e-4
     prior_weight: float = 1.0
@@ -227,6 +230,7 @@ class ImmunizeConfig:
             "outer_params": ("kv", "cross_attn", "unet"),
             "merge": ("hard", "soft"),
             "merge_rows": TOKEN_ROWS,
+            "inner_lora_start": ("fixed", "per_step"),
             "mixed_precision": ("fp32", "bf16"),
             "utility": ("denoise", "distill"),
             "objective": ("neg", "cap", "gap", "ratio"),

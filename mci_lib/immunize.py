@@ -132,13 +132,14 @@ def learns_lora(inner_params: str) -> bool:
     return inner_params.removesuffix("+token") == "lora"
 
 
-def _lora_start(params: Params, names: Sequence[str], rank: int) -> Params:
+def _lora_start(params: Params, names: Sequence[str], rank: int, seed: int = 0) -> Params:
     """The LoRA attacker's factors for each weight in ``names`` (out x in), as peft's gaussian
-    init: ``A`` (rank x in) normal with std 1/rank, from a fixed seed (the same start at every
-    outer step, where the real attack draws a fresh ``A``: the outer loop meets one rank-r
-    subspace; a fresh ``A`` per step is not built), and ``B`` (out x rank) zero, so the attacker
-    starts at the weights themselves."""
-    gen = torch.Generator().manual_seed(0)
+    init: ``A`` (rank x in) normal with std 1/rank from ``seed``, and ``B`` (out x rank) zero, so
+    the attacker starts at the weights themselves. With ``immunize.inner_lora_start: fixed`` the
+    seed is 0 at every outer step, so the outer loop meets one rank-r subspace; with ``per_step``
+    it comes from the step's batch (:func:`_batch_seed`), a fresh ``A`` per step as each real
+    LoRA attack draws its own."""
+    gen = torch.Generator().manual_seed(seed)
     out = {}
     for n in names:
         W = params[n]
@@ -146,6 +147,13 @@ def _lora_start(params: Params, names: Sequence[str], rank: int) -> Params:
         out[f"{LORA_A}{n}"] = A.to(W.device, W.dtype).requires_grad_(True)
         out[f"{LORA_B}{n}"] = torch.zeros(W.shape[0], rank, device=W.device, dtype=W.dtype, requires_grad=True)
     return out
+
+
+def _batch_seed(batch: Batch) -> int:
+    """A seed that is a function of ``batch`` alone (its timesteps): different at every outer step,
+    the same whenever the same batch is evaluated again (so the objective stays deterministic)."""
+    t = batch.t.detach().cpu().long()
+    return int((t * torch.arange(1, t.numel() + 1)).sum()) * 1_000_003 + int(t[0])
 
 
 def _split_tokens(phi: Params, params: Params | None = None) -> tuple[Params, Params]:
@@ -301,11 +309,13 @@ def _update(g: torch.Tensor, rule: str) -> torch.Tensor:
     raise ValueError(f"unknown inner update {rule!r}")
 
 
-def _attacker_start(params: Params, inner_names: Sequence[str], cfg: ImmunizeConfig) -> Params:
+def _attacker_start(params: Params, inner_names: Sequence[str], cfg: ImmunizeConfig, batch: Batch | None = None) -> Params:
     """The attacker's starting tensors: inner tensors outside the immunized set (frozen, detached)
-    still need a gradient; the LoRA attacker starts its factors instead (:func:`_lora_start`)."""
+    still need a gradient; the LoRA attacker starts its factors instead (:func:`_lora_start`;
+    with ``inner_lora_start: per_step`` seeded by ``batch``, the concept's first inner batch)."""
     if learns_lora(cfg.inner_params):
-        return _lora_start(params, inner_names, cfg.inner_lora_rank)
+        seed = _batch_seed(batch) if cfg.inner_lora_start == "per_step" and batch is not None else 0
+        return _lora_start(params, inner_names, cfg.inner_lora_rank, seed)
     return {n: params[n] if params[n].requires_grad else params[n].detach().requires_grad_(True) for n in inner_names}
 
 
@@ -345,7 +355,7 @@ def simulate_attacker(
     With ``create_graph`` the result is differentiable through the gradient (second order;
     through the last ``cfg.second_order_steps`` steps' gradients only when that is set);
     otherwise the gradient is a constant."""
-    phi = _attacker_start(params, inner_names, cfg)
+    phi = _attacker_start(params, inner_names, cfg, batches[0][0])
     if learns_token(cfg.inner_params):
         phi.update(_token_start(batches))
     names = list(phi)
@@ -390,9 +400,15 @@ def simulate_attackers(
     concept n's alias is concept n's own gradient. Otherwise the concepts run one after another."""
     if len(batches) <= 1 or _linear_layers(unet, inner_names) is None:
         return [simulate_attacker(unet, params, inner_names, b, alphas_cumprod, cfg, create_graph) for b in batches]
-    start = _attacker_start(params, inner_names, cfg)
     token = learns_token(cfg.inner_params)
-    phis = [{**{n: v.view_as(v) for n, v in start.items()}, **(_token_start(b) if token else {})} for b in batches]
+    # each concept's own start (a fresh LoRA A per concept and step under per_step), else one
+    # shared start, aliased per concept
+    if learns_lora(cfg.inner_params) and cfg.inner_lora_start == "per_step":
+        starts = [_attacker_start(params, inner_names, cfg, b[0][0]) for b in batches]
+    else:
+        start = _attacker_start(params, inner_names, cfg)
+        starts = [{n: v.view_as(v) for n, v in start.items()} for _ in batches]
+    phis = [{**s, **(_token_start(b) if token else {})} for s, b in zip(starts, batches)]
     for step in range(cfg.inner_steps):
         graph = _differentiated(step, cfg, create_graph)
         groups = []

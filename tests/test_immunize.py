@@ -495,3 +495,33 @@ def test_lora_attacker_first_step_is_the_gradient_projected_on_its_a_factor(setu
         assert torch.linalg.matrix_rank(adapted[n] - params[n], rtol=1e-6).item() <= 2  # above W + BA - W rounding
     together = im.simulate_attackers(unet, params, inner, batches.inner, abar, cfg, False)
     assert all(torch.allclose(together[0][n], adapted[n], atol=1e-12) for n in inner)
+
+
+def test_lora_attacker_per_step_start_draws_a_from_the_batch(setup):
+    """``inner_lora_start: per_step``: the first step is ``W - lr G A^T A`` with A drawn from the
+    concept's first batch, the same A whenever that batch comes again, another for another batch
+    (a fresh A at every outer step); the batched attackers give each concept its own."""
+    unet, concepts, prior, abar, ctx, cfg, batches = setup
+    cfg = replace(cfg, inner_params="lora", inner_lora_rank=2, inner_steps=1, inner_lora_start="per_step")
+    params = {n: p.detach() for n, p in unet.named_parameters()}
+    inner = im.parameter_names(unet, "lora")
+    pairs = batches.inner[0]
+    adapted = im.simulate_attacker(unet, params, inner, pairs, abar, cfg, create_graph=False)
+    again = im.simulate_attacker(unet, params, inner, pairs, abar, cfg, create_graph=False)
+    fixed = im.simulate_attacker(unet, params, inner, pairs, abar, replace(cfg, inner_lora_start="fixed"), create_graph=False)
+    start = im._lora_start(params, inner, 2, im._batch_seed(pairs[0][0]))
+    leaves = {n: params[n].clone().requires_grad_(True) for n in inner}
+    loss = sum(w * l for w, l in zip([1.0, cfg.prior_weight], im.diffusion_losses_at(unet, {**params, **leaves}, list(pairs[0]), abar)))
+    grads = dict(zip(inner, torch.autograd.grad(loss, list(leaves.values()))))
+    pooled = torch.cat([start[f"lora_A:{n}"].detach().flatten() for n in inner])
+    assert pooled.std().item() == pytest.approx(1 / 2, rel=0.1)  # std 1/r over every entry
+    for n in inner:
+        A = start[f"lora_A:{n}"].detach()
+        assert torch.allclose(adapted[n], params[n] - cfg.inner_lr * grads[n] @ A.T @ A, atol=1e-12)
+        assert torch.equal(adapted[n], again[n])
+    assert any(not torch.allclose(adapted[n], fixed[n]) for n in inner)
+    other = im._sample_step_batches(concepts, prior, cfg, 1000, torch.Generator().manual_seed(99)).inner[0][0][0]
+    assert im._batch_seed(other) != im._batch_seed(pairs[0][0])
+    together = im.simulate_attackers(unet, params, inner, batches.inner, abar, cfg, False)
+    singles = [im.simulate_attacker(unet, params, inner, b, abar, cfg, create_graph=False) for b in batches.inner]
+    assert all(torch.allclose(t[n], s[n], atol=1e-12) for t, s in zip(together, singles) for n in inner)

@@ -309,12 +309,12 @@ def _update(g: torch.Tensor, rule: str) -> torch.Tensor:
     raise ValueError(f"unknown inner update {rule!r}")
 
 
-def _attacker_start(params: Params, inner_names: Sequence[str], cfg: ImmunizeConfig, batch: Batch | None = None) -> Params:
+def _attacker_start(params: Params, inner_names: Sequence[str], cfg: ImmunizeConfig, batch: Batch) -> Params:
     """The attacker's starting tensors: inner tensors outside the immunized set (frozen, detached)
     still need a gradient; the LoRA attacker starts its factors instead (:func:`_lora_start`;
     with ``inner_lora_start: per_step`` seeded by ``batch``, the concept's first inner batch)."""
     if learns_lora(cfg.inner_params):
-        seed = _batch_seed(batch) if cfg.inner_lora_start == "per_step" and batch is not None else 0
+        seed = _batch_seed(batch) if cfg.inner_lora_start == "per_step" else 0
         return _lora_start(params, inner_names, cfg.inner_lora_rank, seed)
     return {n: params[n] if params[n].requires_grad else params[n].detach().requires_grad_(True) for n in inner_names}
 
@@ -401,13 +401,9 @@ def simulate_attackers(
     if len(batches) <= 1 or _linear_layers(unet, inner_names) is None:
         return [simulate_attacker(unet, params, inner_names, b, alphas_cumprod, cfg, create_graph) for b in batches]
     token = learns_token(cfg.inner_params)
-    # each concept's own start (a fresh LoRA A per concept and step under per_step), else one
-    # shared start, aliased per concept
-    if learns_lora(cfg.inner_params) and cfg.inner_lora_start == "per_step":
-        starts = [_attacker_start(params, inner_names, cfg, b[0][0]) for b in batches]
-    else:
-        start = _attacker_start(params, inner_names, cfg)
-        starts = [{n: v.view_as(v) for n, v in start.items()} for _ in batches]
+    # each concept's own start (its own LoRA A under per_step), aliased so that shared starting
+    # tensors still give each concept its own gradient
+    starts = [{n: v.view_as(v) for n, v in _attacker_start(params, inner_names, cfg, b[0][0]).items()} for b in batches]
     phis = [{**s, **(_token_start(b) if token else {})} for s, b in zip(starts, batches)]
     for step in range(cfg.inner_steps):
         graph = _differentiated(step, cfg, create_graph)
